@@ -1,0 +1,34 @@
+# The README's two commands: `make demo` and `make test`. Each installs into .venv first;
+# a second run skips the install while setup.cfg is unchanged.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= runs/demo
+
+.PHONY: install demo test lint format clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[data,test]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/jaxlm-train --config experiments/pylm_tiny.py --workdir $(DEMO_DIR)
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+lint: install
+	$(BIN)/ruff check jaxlm tests experiments
+	$(BIN)/ruff format --check jaxlm tests experiments
+
+format: install
+	$(BIN)/ruff format jaxlm tests experiments
+	$(BIN)/ruff check --fix jaxlm tests experiments
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

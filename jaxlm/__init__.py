@@ -1,0 +1,1 @@
+"""jaxlm: train Transformer language models with JAX and Flax NNX."""

@@ -1,0 +1,44 @@
+"""Shared flag handling for the jaxlm-* entry points.
+
+`--config.KEY=VALUE` overrides are split off before absl parses the rest, so that jaxlm's own
+`apply_overrides` can reject an unknown key or a wrongly typed value with a one-line error.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+
+# Errors that mean "the user asked for something wrong": one line, exit status 1, no traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, RuntimeError)
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(argv without overrides, overrides) for `--config.a.b=v` (or `--config.a.b v`)."""
+    rest, overrides, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            if "=" not in arg and i + 1 < len(argv):
+                arg, i = f"{arg}={argv[i + 1]}", i + 1
+            overrides.append(arg)
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def make_flags_parser(store: list[str]):
+    def parse(argv: list[str]) -> list[str]:
+        rest, overrides = split_overrides(argv)
+        store.extend(overrides)
+        return flags.FLAGS(rest)
+
+    return parse
+
+
+def fail(program: str, error: BaseException) -> None:
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    print(f"{program}: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(1)

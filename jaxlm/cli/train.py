@@ -1,0 +1,38 @@
+"""jaxlm-train --config experiments/NAME.py --workdir DIR [--config.KEY=VALUE ...]
+
+Re-running the same command resumes from the latest checkpoint in DIR.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags, logging
+
+from jaxlm.cli import common
+
+flags.DEFINE_string("config", None, "Experiment file defining get_config().")
+flags.DEFINE_string("workdir", None, "Run directory: config, checkpoints, metrics, TensorBoard.")
+FLAGS = flags.FLAGS
+_OVERRIDES: list[str] = []
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
+    from jaxlm import config as config_lib
+    from jaxlm import train
+
+    if not FLAGS.config or not FLAGS.workdir:
+        common.fail("jaxlm-train", ValueError("--config and --workdir are required"))
+    try:
+        config = config_lib.load_config(FLAGS.config, _OVERRIDES)
+        train.train(config, FLAGS.workdir)
+    except common.USER_ERRORS as e:
+        common.fail("jaxlm-train", e)
+
+
+def run() -> None:
+    app.run(main, flags_parser=common.make_flags_parser(_OVERRIDES))
+
+
+if __name__ == "__main__":
+    run()

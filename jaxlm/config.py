@@ -1,0 +1,289 @@
+"""The base configuration: every key jaxlm reads, each with a one-line comment.
+
+Experiments (experiments/*.py) start from `base_config()` and change what they need. Command-line
+overrides (`--config.train.steps=100`) go through `apply_overrides`, which rejects unknown keys and
+values of the wrong type with a one-line `ConfigError`. The model never sees a ConfigDict:
+`model_config` converts `config.model` into the frozen `TransformerConfig` in one place.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from jaxlm.models.transformer import TransformerConfig
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the key and the fix."""
+
+
+# Logical axis name -> mesh axis (or tuple of mesh axes, or None for replicated).
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+)
+
+CHOICES = {
+    "model.norm": ("rmsnorm", "layernorm"),
+    "model.mlp": ("swiglu", "gelu"),
+    "model.positions": ("rope", "learned"),
+    "model.attention_impl": ("xla", "cudnn"),
+    "model.dtype": ("bfloat16", "float32"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots"),
+    "data.source": ("python_stdlib", "synthetic"),
+    "data.tokenizer_type": ("bpe", "unigram", "char"),
+    "optim.schedule": ("cosine", "linear", "constant"),
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key, with its default. Defaults describe a small LLaMA-style model."""
+    c = ml_collections.ConfigDict()
+
+    c.model = m = ml_collections.ConfigDict()
+    m.vocab_size = 0  # 0: take the tokenizer's vocabulary size
+    m.d_model = 256  # residual stream width
+    m.num_layers = 4  # Transformer blocks
+    m.num_heads = 4  # query heads
+    m.num_kv_heads = 0  # key/value heads for grouped-query attention; 0: same as num_heads
+    m.head_dim = 0  # per-head width; 0: d_model // num_heads
+    m.d_ff = 1024  # hidden width of the MLP
+    m.max_len = 1024  # longest sequence; sizes the learned position table
+    m.norm = "rmsnorm"  # rmsnorm (LLaMA) or layernorm (GPT-2)
+    m.norm_eps = 1e-6  # epsilon inside the norms
+    m.mlp = "swiglu"  # swiglu (LLaMA) or gelu (GPT-2)
+    m.positions = "rope"  # rope (LLaMA) or learned (GPT-2)
+    m.rope_theta = 10000.0  # RoPE base frequency
+    m.use_bias = False  # biases in linear layers and LayerNorm (GPT-2 uses them)
+    m.tie_embeddings = True  # share the input embedding with the output projection
+    m.dropout = 0.0  # dropout on attention and MLP outputs and on embeddings
+    m.init_std = 0.02  # normal init std; residual output projections are scaled by 1/sqrt(2L)
+    m.attention_impl = "xla"  # jax.nn.dot_product_attention implementation: xla or cudnn
+    m.dtype = "float32"  # compute dtype of activations and matmuls
+    m.param_dtype = "float32"  # storage dtype of parameters (and so of optimizer state)
+    m.remat = "none"  # activation checkpointing per block: none, full, or dots (save matmuls)
+
+    c.data = d = ml_collections.ConfigDict()
+    d.source = "python_stdlib"  # python_stdlib (embedded corpus) or synthetic (no TensorFlow)
+    d.batch_size = 32  # global batch in sequences, over all devices and hosts
+    d.seq_len = 256  # tokens per sequence
+    d.tokenizer = ""  # path of a SentencePiece .model; empty: train one on the train split
+    d.tokenizer_vocab_size = 4096  # vocabulary size when training a tokenizer
+    d.tokenizer_type = "bpe"  # SentencePiece model type when training: bpe, unigram or char
+    d.cache_dir = ""  # tokenizers, TFDS data and packed arrays; empty: ~/.cache/jaxlm
+    d.prefetch = 2  # batches placed on device ahead of the step that uses them
+
+    c.optim = o = ml_collections.ConfigDict()
+    o.lr = 1e-3  # peak learning rate
+    o.warmup_steps = 100  # linear warmup from 0 to lr
+    o.schedule = "cosine"  # decay after warmup: cosine, linear or constant
+    o.min_lr_ratio = 0.1  # final learning rate as a fraction of lr
+    o.b1 = 0.9  # AdamW beta1
+    o.b2 = 0.95  # AdamW beta2
+    o.eps = 1e-8  # AdamW epsilon
+    o.weight_decay = 0.1  # decoupled weight decay
+    o.decay_norms = False  # apply weight decay to norm scales and biases
+    o.decay_biases = False  # apply weight decay to linear biases
+    o.decay_embeddings = False  # apply weight decay to token and position embeddings
+    o.clip_norm = 1.0  # global-norm gradient clipping; 0 disables
+    o.grad_accum_steps = 1  # microbatches per step (the global batch is split into these)
+
+    c.train = t = ml_collections.ConfigDict()
+    t.steps = 1000  # optimizer steps in the whole run
+    t.seed = 0  # seeds parameters, dropout and data order
+    t.log_every = 50  # steps between console/metrics.jsonl/TensorBoard records
+    t.eval_every = 500  # steps between evaluations on the validation split; 0: only at the end
+    t.eval_steps = 20  # validation batches per evaluation; 0: the whole split
+    t.checkpoint_every = 500  # steps between checkpoints (one is always written at the end)
+    t.keep_checkpoints = 3  # checkpoints kept on disk
+    t.peak_tflops = 0.0  # device peak for MFU; 0: look it up from the device kind
+
+    c.mesh = mh = ml_collections.ConfigDict()
+    mh.data = -1  # data-parallel axis size; -1 fills the remaining devices
+    mh.fsdp = 1  # fully sharded data-parallel axis size (params sharded over it)
+    mh.tensor = 1  # tensor-parallel axis size (heads, mlp and vocab sharded over it)
+    mh.rules = DEFAULT_RULES  # logical axis name -> mesh axis; see jaxlm/sharding.py
+    return c
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """Import an experiment file, call its get_config(), apply overrides and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; pass --config experiments/NAME.py")
+    spec = importlib.util.spec_from_file_location(f"jaxlm_experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} has no get_config(); an experiment file must define one")
+    config = module.get_config()
+    apply_overrides(config, overrides)
+    validate(config)
+    return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides) -> None:
+    """Apply `key=value` strings (a leading `--config.` is allowed) to a config, in place."""
+    for item in overrides:
+        item = item.removeprefix("--").removeprefix("config.")
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} has no '='; write --config.{key}=VALUE")
+        parent, leaf = _lookup_parent(config, key)
+        current = parent[leaf]
+        parent[leaf] = _parse_value(key, raw, current)
+
+
+def _lookup_parent(config: ml_collections.ConfigDict, key: str):
+    node, parts = config, key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            where = ".".join(parts[:i]) or "the top level"
+            valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            raise ConfigError(
+                f"unknown config key {key!r}: {where} has no {part!r}; valid keys: {valid}"
+            )
+        if i < len(parts) - 1:
+            node = node[part]
+    if isinstance(node[parts[-1]], ml_collections.ConfigDict):
+        raise ConfigError(f"config key {key!r} is a group; set one of its keys instead")
+    return node, parts[-1]
+
+
+def _parse_value(key: str, raw: str, current: Any) -> Any:
+    kind = type(current)
+    try:
+        if isinstance(current, bool):
+            low = raw.strip().lower()
+            if low not in ("true", "false", "1", "0"):
+                raise ValueError
+            return low in ("true", "1")
+        if isinstance(current, int):
+            return int(raw)
+        if isinstance(current, float):
+            return float(raw)
+        if isinstance(current, str):
+            return raw
+        value = ast.literal_eval(raw)
+        if isinstance(current, (tuple, list)) and isinstance(value, (tuple, list)):
+            return kind(value)
+        raise ValueError
+    except (ValueError, SyntaxError):
+        raise ConfigError(
+            f"config key {key!r} expects {kind.__name__}, got {raw!r}; "
+            f"write --config.{key}=<{kind.__name__}>"
+        ) from None
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Check values that every later stage relies on; raise ConfigError naming the key."""
+    for key, choices in CHOICES.items():
+        value = _get(config, key)
+        if value not in choices:
+            raise ConfigError(f"config key {key!r} is {value!r}; choose one of {list(choices)}")
+    positive = [
+        "model.d_model",
+        "model.num_layers",
+        "model.num_heads",
+        "model.d_ff",
+        "model.max_len",
+        "data.batch_size",
+        "data.seq_len",
+        "train.steps",
+        "train.log_every",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+        "optim.grad_accum_steps",
+    ]
+    for key in positive:
+        if _get(config, key) <= 0:
+            raise ConfigError(f"config key {key!r} must be > 0, got {_get(config, key)}")
+    for key in ("model.dropout", "optim.weight_decay", "optim.min_lr_ratio"):
+        if not 0.0 <= _get(config, key) <= 1.0:
+            raise ConfigError(f"config key {key!r} must be in [0, 1], got {_get(config, key)}")
+    if config.optim.lr <= 0:
+        raise ConfigError(f"config key 'optim.lr' must be > 0, got {config.optim.lr}")
+    m = config.model
+    if m.head_dim == 0 and m.d_model % m.num_heads:
+        raise ConfigError(
+            f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; "
+            "change one or set model.head_dim"
+        )
+    kv = m.num_kv_heads or m.num_heads
+    if m.num_heads % kv:
+        raise ConfigError(
+            f"model.num_heads={m.num_heads} is not a multiple of model.num_kv_heads={kv}"
+        )
+    if m.positions == "learned" and config.data.seq_len > m.max_len:
+        raise ConfigError(
+            f"data.seq_len={config.data.seq_len} exceeds model.max_len={m.max_len}; "
+            "raise model.max_len"
+        )
+    if config.data.batch_size % config.optim.grad_accum_steps:
+        raise ConfigError(
+            f"data.batch_size={config.data.batch_size} is not divisible by "
+            f"optim.grad_accum_steps={config.optim.grad_accum_steps}"
+        )
+
+
+def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> TransformerConfig:
+    """The one place a ConfigDict becomes the model's frozen dataclass."""
+    m = config.model
+    head_dim = m.head_dim or m.d_model // m.num_heads
+    return TransformerConfig(
+        vocab_size=m.vocab_size or vocab_size,
+        d_model=m.d_model,
+        num_layers=m.num_layers,
+        num_heads=m.num_heads,
+        num_kv_heads=m.num_kv_heads or m.num_heads,
+        head_dim=head_dim,
+        d_ff=m.d_ff,
+        max_len=m.max_len,
+        norm=m.norm,
+        norm_eps=m.norm_eps,
+        mlp=m.mlp,
+        positions=m.positions,
+        rope_theta=m.rope_theta,
+        use_bias=m.use_bias,
+        tie_embeddings=m.tie_embeddings,
+        dropout=m.dropout,
+        init_std=m.init_std,
+        attention_impl=m.attention_impl,
+        dtype=m.dtype,
+        param_dtype=m.param_dtype,
+        remat=m.remat,
+    )
+
+
+def gpt2_style(model: ml_collections.ConfigDict) -> None:
+    """Switch a model config to GPT-2 blocks: learned positions, LayerNorm with bias, GELU."""
+    model.norm = "layernorm"
+    model.norm_eps = 1e-5
+    model.mlp = "gelu"
+    model.positions = "learned"
+    model.use_bias = True
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    """The resolved config as JSON (tuples become lists)."""
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True)

@@ -1,0 +1,1 @@
+"""Data layer: embedded corpus, tokenizer, TFDS builder and step-addressable batches."""

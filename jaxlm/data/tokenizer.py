@@ -1,0 +1,214 @@
+"""SentencePiece tokenizer: loading, training for source code, and byte accounting."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pathlib
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
+# Training sentences are multi-line chunks of at most this many characters, so BPE sees real
+# line structure while staying under SentencePiece's per-sentence length limit.
+_CHUNK_CHARS = 2048
+_MAX_SENTENCE_BYTES = 16384
+_BYTE_PIECE = re.compile(r"^<0x[0-9A-F]{2}>$")
+_WS = "\u2581"  # SentencePiece's visible-space marker.
+_SEED = 1234
+
+
+class Tokenizer:
+    """A SentencePiece model loaded from a `.model` file."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self._path = pathlib.Path(path)
+        if not self._path.is_file():
+            raise FileNotFoundError(f"tokenizer model {self._path} does not exist")
+        data = self._path.read_bytes()
+        sp = spm.SentencePieceProcessor()
+        try:
+            sp.LoadFromSerializedProto(data)
+            ok = sp.GetPieceSize() > 0
+        except (RuntimeError, OSError):
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"{self._path} is not a SentencePiece model; point data.tokenizer at a .model "
+                "file written by SentencePiece or leave it empty to train one"
+            )
+        self._sp = sp
+        self._sha256 = hashlib.sha256(data).hexdigest()
+        self._byte_lengths = _piece_byte_lengths(sp)
+
+    @property
+    def path(self) -> pathlib.Path:
+        return self._path
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.GetPieceSize()
+
+    @property
+    def pad_id(self) -> int:
+        return self._sp.pad_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self._sp.eos_id()
+
+    @property
+    def bos_id(self) -> int:
+        return self._sp.bos_id()
+
+    @property
+    def unk_id(self) -> int:
+        return self._sp.unk_id()
+
+    @property
+    def sha256(self) -> str:
+        """Hex digest of the model file bytes (identifies the vocabulary in caches)."""
+        return self._sha256
+
+    @property
+    def byte_lengths(self) -> np.ndarray:
+        """int32 [vocab_size]: UTF-8 bytes each piece contributes to decoded text."""
+        return self._byte_lengths
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.EncodeAsIds(text)
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
+        """Encode many texts with SentencePiece's thread pool (-1: all cores)."""
+        return self._sp.Encode(list(texts), out_type=int, num_threads=num_threads)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._sp.DecodeIds([int(i) for i in ids])
+
+    def id_to_piece(self, idx: int) -> str:
+        return self._sp.IdToPiece(int(idx))
+
+
+def _piece_byte_lengths(sp: spm.SentencePieceProcessor) -> np.ndarray:
+    out = np.zeros(sp.GetPieceSize(), np.int32)
+    for i in range(sp.GetPieceSize()):
+        if sp.IsControl(i) or sp.IsUnknown(i) or sp.IsUnused(i):
+            continue  # pad/eos/bos/unk decode to nothing (unk is excluded from the invariant).
+        piece = sp.IdToPiece(i)
+        if sp.IsByte(i) and _BYTE_PIECE.match(piece):
+            out[i] = 1
+        else:
+            out[i] = len(piece.replace(_WS, " ").encode("utf-8"))
+    return out
+
+
+def _chunks(texts: Iterable[str], max_chars: int) -> Iterator[str]:
+    """Split documents into multi-line chunks, stopping after max_chars characters in total."""
+    total = 0
+    for text in texts:
+        buf: list[str] = []
+        size = 0
+        for line in text.splitlines(keepends=True):
+            if buf and size + len(line) > _CHUNK_CHARS:
+                yield "".join(buf)
+                buf, size = [], 0
+            buf.append(line)
+            size += len(line)
+            total += len(line)
+            if total >= max_chars:
+                break
+        if buf:
+            yield "".join(buf)
+        if total >= max_chars:
+            return
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    out_path: str | os.PathLike[str],
+    vocab_size: int,
+    model_type: str = "bpe",
+    max_chars: int = 20_000_000,
+) -> Tokenizer:
+    """Train a SentencePiece model suited to source code and write it atomically to out_path."""
+    out_path = pathlib.Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    # Sentence sampling and shuffling use SentencePiece's global RNG; fixing it makes training
+    # a pure function of the input.
+    spm.set_random_generator_seed(_SEED)
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.Train(
+            sentence_iterator=_chunks(texts, max_chars),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            pad_id=PAD_ID,
+            eos_id=EOS_ID,
+            bos_id=BOS_ID,
+            unk_id=UNK_ID,
+            byte_fallback=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            character_coverage=1.0,
+            # "\n" is an atomic piece: it is kept verbatim inside multi-line sentences, so
+            # encode/decode is lossless on whole files; indentation is learned as runs of "▁".
+            user_defined_symbols=["\n"],
+            max_sentence_length=_MAX_SENTENCE_BYTES,
+            input_sentence_size=1_000_000,
+            shuffle_input_sentence=True,
+            train_extremely_large_corpus=False,
+            num_threads=2,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        # Byte fallback reserves 256 pieces and character_coverage=1.0 needs every character:
+        # turn SentencePiece's internal error into an actionable one-liner.
+        if "required_chars" in str(e):
+            raise ValueError(
+                f"vocab_size {vocab_size} is too small for this corpus (256 byte pieces, 4 special "
+                "ids and one piece per distinct character are required); raise the vocab size"
+            ) from e
+        raise
+    _atomic_write(out_path, model.getvalue())
+    return Tokenizer(out_path)
+
+
+def _atomic_write(path: pathlib.Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def tokenizer_cache_path(
+    cache_dir: str | os.PathLike[str], key: str, model_type: str, vocab_size: int
+) -> pathlib.Path:
+    """Where get_or_train_tokenizer keeps the model for this source and settings."""
+    return pathlib.Path(cache_dir) / "tokenizers" / f"{key}_{model_type}_{vocab_size}.model"
+
+
+def get_or_train_tokenizer(
+    texts_fn: Callable[[], Iterable[str]],
+    vocab_size: int,
+    model_type: str,
+    cache_dir: str | os.PathLike[str],
+    key: str,
+) -> Tokenizer:
+    """Load the cached tokenizer for (key, model_type, vocab_size), training it if missing."""
+    path = tokenizer_cache_path(cache_dir, key, model_type, vocab_size)
+    if path.is_file():
+        return Tokenizer(path)
+    return train_tokenizer(texts_fn(), path, vocab_size, model_type)

@@ -1,0 +1,86 @@
+"""Metrics shared by the training loop and the eval program.
+
+Language-model metrics are accumulated as sums (negative log-likelihood in nats, real target
+tokens, UTF-8 bytes of those tokens) and finished once:
+loss = sum NLL / tokens, perplexity = exp(loss), bits per byte = sum NLL / ln 2 / bytes.
+Bits per byte does not depend on the tokenizer, so runs with different vocabularies compare.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def token_nll(logits_BTV, targets_BT):
+    """Per-token negative log-likelihood in fp32 (logits may be bf16)."""
+    logits = logits_BTV.astype(jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0]
+    return logz - target_logit
+
+
+def lm_sums(model, batch) -> dict[str, jax.Array]:
+    """Sums of NLL, counted tokens and their bytes for one batch (deterministic forward)."""
+    logits = model(
+        batch["inputs"], positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"]
+    )
+    nll = token_nll(logits, batch["targets"]) * batch["loss_mask"]
+    return {
+        "nll": jnp.sum(nll),
+        "tokens": jnp.sum(batch["loss_mask"]),
+        "bytes": jnp.sum(batch["target_bytes"]).astype(jnp.float32),
+    }
+
+
+def finish_lm(sums: dict) -> dict[str, float]:
+    """loss, perplexity and bits per byte from accumulated sums."""
+    nll, tokens, nbytes = float(sums["nll"]), float(sums["tokens"]), float(sums["bytes"])
+    if tokens == 0:
+        raise ValueError("no real tokens were evaluated; check the data split and eval_steps")
+    loss = nll / tokens
+    out = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens}
+    if nbytes > 0:
+        out["bits_per_byte"] = nll / math.log(2) / nbytes
+        out["bytes"] = nbytes
+    return out
+
+
+def add_sums(a: dict | None, b: dict) -> dict:
+    return dict(b) if a is None else {k: a[k] + b[k] for k in a}
+
+
+# Dense bf16 peak FLOP/s per chip, for MFU; matched by substring of jax's device_kind.
+PEAK_TFLOPS = {
+    "H100": 989.0,
+    "H200": 989.0,
+    "A100": 312.0,
+    "L4": 121.0,
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5e": 197.0,
+    "TPU v5p": 459.0,
+    "TPU v5": 459.0,
+    "TPU v6": 918.0,
+}
+
+
+def peak_tflops(device_kind: str, override: float = 0.0) -> float | None:
+    if override > 0:
+        return override
+    for name, tflops in PEAK_TFLOPS.items():
+        if name.lower() in device_kind.lower():
+            return tflops
+    return None
+
+
+def flops_per_token(cfg, seq_len: int) -> float:
+    """Training FLOPs per token, nanoGPT's estimate: 6N + 12 L d T (N without position table).
+
+    6N counts the forward and backward matmuls over all weights; 12 L d T the attention score
+    and value matmuls (d = heads x head_dim, full T x T: causality is not discounted).
+    """
+    n = cfg.num_params(embeddings=False)
+    return 6.0 * n + 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len

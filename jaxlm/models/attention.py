@@ -1,0 +1,88 @@
+"""Multi-head attention with grouped-query heads, RoPE, and causal / segment / padding masks.
+
+Shape legend: B batch, T query length, S key length, D d_model, N query heads, K key/value heads,
+H head dim. The kernel is `jax.nn.dot_product_attention`, so `attention_impl="cudnn"` gives cuDNN
+flash attention on NVIDIA GPUs and `"xla"` runs everywhere. Self-attention and cross-attention
+share this module (cross-attention passes `kv_BSD`), so encoder, decoder and encoder-decoder
+models all build on it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm import sharding
+from jaxlm.models.layers import DenseGeneral, residual_std, rope
+
+
+def segment_mask(q_segment_BT, kv_segment_BS):
+    """[B, 1, T, S] True where query and key share a segment and the key is not padding (0)."""
+    same = q_segment_BT[:, :, None] == kv_segment_BS[:, None, :]
+    return (same & (kv_segment_BS[:, None, :] != 0))[:, None, :, :]
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        common = dict(use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        std = cfg.init_std
+        self.query = DenseGeneral((d,), (n, h), ("embed", "heads", "kv"), std=std, rngs=rngs, **common)
+        self.key = DenseGeneral((d,), (k, h), ("embed", "kv_heads", "kv"), std=std, rngs=rngs, **common)
+        self.value = DenseGeneral(
+            (d,), (k, h), ("embed", "kv_heads", "kv"), std=std, rngs=rngs, **common
+        )
+        self.out = DenseGeneral(
+            (n, h), (d,), ("heads", "kv", "embed"), std=residual_std(cfg), rngs=rngs, **common
+        )
+
+    def __call__(
+        self,
+        x_BTD,
+        *,
+        positions_BT=None,
+        mask_B1TS=None,
+        causal: bool,
+        kv_BSD=None,
+        kv_positions_BS=None,
+    ):
+        """Self-attention when kv_BSD is None, else cross-attention onto kv_BSD (no RoPE)."""
+        cross = kv_BSD is not None
+        src_BSD = kv_BSD if cross else x_BTD
+        q_BTNH = self.query(x_BTD)
+        k_BSKH = self.key(src_BSD)
+        v_BSKH = self.value(src_BSD)
+        if self.cfg.positions == "rope" and not cross:
+            q_BTNH = rope(q_BTNH, positions_BT, self.cfg.rope_theta)
+            k_BSKH = rope(k_BSKH, positions_BT if kv_positions_BS is None else kv_positions_BS,
+                          self.cfg.rope_theta)
+        q_BTNH = sharding.constrain(q_BTNH, ("batch", "length", "heads", "kv"))
+        k_BSKH = sharding.constrain(k_BSKH, ("batch", "length", "kv_heads", "kv"))
+        v_BSKH = sharding.constrain(v_BSKH, ("batch", "length", "kv_heads", "kv"))
+        o_BTNH = jax.nn.dot_product_attention(
+            q_BTNH,
+            k_BSKH,
+            v_BSKH,
+            mask=mask_B1TS,
+            is_causal=causal,
+            implementation=self.cfg.attention_impl,
+        )
+        return self.out(o_BTNH)
+
+
+def attention_reference(q_BTNH, k_BSKH, v_BSKH, mask_B1TS=None, causal: bool = False):
+    """Plain softmax attention in fp32, for tests: the definition the kernels must match."""
+    n, k = q_BTNH.shape[2], k_BSKH.shape[2]
+    k_BSNH = jnp.repeat(k_BSKH, n // k, axis=2)
+    v_BSNH = jnp.repeat(v_BSKH, n // k, axis=2)
+    scores_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH, k_BSNH) / jnp.sqrt(q_BTNH.shape[-1])
+    t, s = scores_BNTS.shape[-2:]
+    allowed = jnp.ones((1, 1, t, s), bool)
+    if causal:
+        allowed = allowed & jnp.tril(jnp.ones((t, s), bool))[None, None]
+    if mask_B1TS is not None:
+        allowed = allowed & mask_B1TS
+    scores_BNTS = jnp.where(allowed, scores_BNTS, -1e30)
+    return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(scores_BNTS, axis=-1), v_BSNH)

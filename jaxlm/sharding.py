@@ -1,0 +1,163 @@
+"""Device mesh, logical-axis rules, and the shardings of parameters, optimizer state and batches.
+
+Model code names axes logically (`batch`, `length`, `embed`, `heads`, `kv_heads`, `kv`, `mlp`,
+`vocab`); a rules table (config `mesh.rules`) maps each name to a mesh axis (`data`, `fsdp`,
+`tensor`), a tuple of them, or None (replicated). Activations are constrained with `constrain`,
+which is a no-op outside `use_rules`, so modules also run unsharded in tests and notebooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("jaxlm_sharding", default=None)
+
+
+class ShardingError(ValueError):
+    """A mesh, batch or parameter shape that does not fit the devices; the message names the fix."""
+
+
+def make_mesh(data: int, fsdp: int, tensor: int, devices: Sequence | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all); one axis may be -1 to fill."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    fill = [name for name, size in sizes.items() if size == -1]
+    if len(fill) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
+        raise ShardingError(
+            f"mesh {sizes}: each axis must be a positive size, and at most one may be -1"
+        )
+    known = math.prod(size for size in sizes.values() if size != -1)
+    if fill:
+        if len(devices) % known:
+            raise ShardingError(
+                f"mesh {sizes}: {len(devices)} devices are not divisible by the fixed axes "
+                f"({known}); change mesh.* so their product divides {len(devices)}"
+            )
+        sizes[fill[0]] = len(devices) // known
+    if math.prod(sizes.values()) != len(devices):
+        raise ShardingError(
+            f"mesh {sizes} needs {math.prod(sizes.values())} devices but {len(devices)} are "
+            "present; set one of mesh.data/fsdp/tensor to -1 to fill"
+        )
+    grid = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
+    return Mesh(grid, MESH_AXES)
+
+
+def logical_to_spec(axes: Sequence[str | None], rules) -> PartitionSpec:
+    """PartitionSpec for logical axis names; a mesh axis is used at most once per array."""
+    table = dict(rules)
+    used: set[str] = set()
+    out = []
+    for name in axes:
+        target = table.get(name) if name is not None else None
+        names = (target,) if isinstance(target, str) else tuple(target or ())
+        names = tuple(n for n in names if n not in used)
+        used.update(names)
+        out.append(None if not names else names[0] if len(names) == 1 else names)
+    return PartitionSpec(*out)
+
+
+@contextlib.contextmanager
+def use_rules(mesh: Mesh, rules):
+    """Activate `mesh` and `rules` for `constrain` calls traced inside this block."""
+    token = _ACTIVE.set((mesh, tuple(tuple(r) for r in rules)))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """with_sharding_constraint by logical names, when rules are active and the dims divide."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    spec = logical_to_spec(axes, rules)
+    if not _divides(x.shape, spec, mesh):
+        return x  # e.g. a decode step of length 1: let XLA choose rather than fail
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def _axis_size(mesh: Mesh, entry) -> int:
+    if entry is None:
+        return 1
+    names = (entry,) if isinstance(entry, str) else entry
+    return math.prod(mesh.shape[n] for n in names)
+
+
+def _divides(shape, spec: PartitionSpec, mesh: Mesh) -> bool:
+    return all(dim % _axis_size(mesh, entry) == 0 for dim, entry in zip(shape, spec, strict=False))
+
+
+def path_name(path) -> str:
+    """'blocks.0.attn.query.kernel' for a jax key path."""
+    parts = []
+    for key in path:
+        parts.append(str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key)))))
+    return ".".join(parts)
+
+
+def param_shardings(abstract_params, axes_tree, mesh: Mesh, rules):
+    """NamedSharding per parameter from its logical axes; a dim that does not divide is an error."""
+
+    def one(path, leaf, axes):
+        spec = logical_to_spec(axes, rules)
+        for dim, entry, name in zip(leaf.shape, spec, axes, strict=False):
+            size = _axis_size(mesh, entry)
+            if dim % size:
+                raise ShardingError(
+                    f"parameter {path_name(path)} {tuple(leaf.shape)}: axis {name!r} of size {dim} "
+                    f"does not divide over mesh axis {entry} of size {size}; change the model "
+                    "dimension or the mesh (mesh.*) or map that axis to None in mesh.rules"
+                )
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(one, abstract_params, axes_tree)
+
+
+def state_shardings(abstract_tree, params_shardings, mesh: Mesh):
+    """Shardings for a tree whose sub-trees mirror the parameters (optimizer moments).
+
+    A leaf whose key path ends with a parameter's path and has that parameter's shape gets the
+    parameter's sharding; anything else (step counters, scalars) is replicated.
+    """
+    by_path = {}
+    for path, sh in jax.tree_util.tree_flatten_with_path(params_shardings)[0]:
+        by_path[path_name(path)] = sh
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def one(path, leaf):
+        name = path_name(path)
+        for suffix, sh in by_path.items():
+            if (name == suffix or name.endswith("." + suffix)) and len(sh.spec) <= leaf.ndim:
+                return sh
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, abstract_tree)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches are split over the data and fsdp axes and replicated over tensor."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def check_batch(batch_size: int, mesh: Mesh, microbatches: int = 1) -> None:
+    shards = _axis_size(mesh, BATCH_AXES)
+    per_micro = batch_size // microbatches
+    if batch_size % microbatches or per_micro % shards:
+        raise ShardingError(
+            f"data.batch_size={batch_size} split into {microbatches} microbatch(es) does not "
+            f"divide over the {shards} data*fsdp shards of the mesh; use a batch size that is "
+            f"a multiple of {shards * microbatches}"
+        )

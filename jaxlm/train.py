@@ -1,0 +1,418 @@
+"""The training step and `train(config, workdir)`: the whole run, resumable, with no flags here.
+
+Resume contract: parameters, optimizer state and step come from the latest checkpoint; dropout
+keys and the data order are pure functions of (seed, step), so a restarted run continues exactly
+where the checkpoint left it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import signal
+import threading
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxlm import config as config_lib
+from jaxlm import evaluate, monitor, sharding
+from jaxlm.checkpoint import Checkpointer
+from jaxlm.data.source import DataSource, make_source
+from jaxlm.models.transformer import TransformerConfig, TransformerLM
+from jaxlm.optim import make_optimizer
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (a NaN or Inf loss); the message names the fix."""
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a run needs, built once by `setup`."""
+
+    config: object
+    mesh: jax.sharding.Mesh
+    model_cfg: TransformerConfig
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    state_shardings: dict
+    batch_sharding: NamedSharding
+    data: DataSource
+
+    def meta(self) -> dict:
+        """What a checkpoint must agree with to be restored into this run."""
+        m = dataclasses.asdict(self.model_cfg)
+        for key in ("dropout", "attention_impl", "dtype", "remat"):
+            m.pop(key)  # free to change between runs
+        return {"model": m, "tokenizer_sha256": self.data.tokenizer_sha256}
+
+
+def abstract_model(model_cfg: TransformerConfig):
+    """(graphdef, abstract params as a pure dict, logical axes per param), allocating nothing."""
+    model = nnx.eval_shape(lambda: TransformerLM(model_cfg, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(model, nnx.Param)
+    axes = jax.tree.map(
+        lambda v: v.get_metadata()["axes"], params, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+    return graphdef, params.to_pure_dict(), axes.to_pure_dict()
+
+
+def init_state(model_cfg: TransformerConfig, tx, seed: int) -> dict:
+    """Fresh train state; run under jit with out_shardings so it is born sharded."""
+    model = TransformerLM(model_cfg, rngs=nnx.Rngs(params=jax.random.fold_in(jax.random.key(seed), 1)))
+    params = nnx.state(model, nnx.Param).to_pure_dict()
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
+def setup(config, workdir: str | Path, devices=None) -> Setup:
+    data = make_source(config, workdir)
+    model_cfg = config_lib.model_config(config, data.vocab_size)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
+    sharding.check_batch(config.data.batch_size, mesh, config.optim.grad_accum_steps)
+    graphdef, abstract_params, axes = abstract_model(model_cfg)
+    tx, schedule = make_optimizer(config.optim, config.train.steps, abstract_params)
+    abstract = jax.eval_shape(lambda: init_state(model_cfg, tx, config.train.seed))
+    param_sh = sharding.param_shardings(abstract["params"], axes, mesh, config.mesh.rules)
+    state_sh = {
+        "params": param_sh,
+        "opt_state": sharding.state_shardings(abstract["opt_state"], param_sh, mesh),
+        "step": NamedSharding(mesh, PartitionSpec()),
+    }
+    return Setup(
+        config, mesh, model_cfg, graphdef, tx, schedule, state_sh, sharding.batch_sharding(mesh), data
+    )
+
+
+def create_state(s: Setup) -> dict:
+    fn = lambda: init_state(s.model_cfg, s.tx, s.config.train.seed)
+    with sharding.use_rules(s.mesh, s.config.mesh.rules):
+        return jax.jit(fn, out_shardings=s.state_shardings)()
+
+
+def abstract_state(s: Setup) -> dict:
+    """ShapeDtypeStructs with the target shardings, for checkpoint restore."""
+    shapes = jax.eval_shape(lambda: init_state(s.model_cfg, s.tx, s.config.train.seed))
+    return jax.tree.map(
+        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes, s.state_shardings
+    )
+
+
+def _microbatches(batch: dict, n: int, batch_sh: NamedSharding) -> dict:
+    """[B, ...] -> [n, B/n, ...] taking rows n apart, so each device keeps its own rows."""
+
+    def split(x):
+        x = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+        spec = PartitionSpec(None, *batch_sh.spec)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(batch_sh.mesh, spec))
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(s: Setup):
+    """jit(train_step) with explicit in/out shardings and the state donated."""
+    graphdef, tx, n_micro = s.graphdef, s.tx, s.config.optim.grad_accum_steps
+    base_key = jax.random.fold_in(jax.random.key(s.config.train.seed), 2)
+
+    def sum_nll(params, mb, key):
+        model = nnx.merge(graphdef, params)
+        logits = model(
+            mb["inputs"],
+            positions_BT=mb["positions"],
+            segment_ids_BT=mb["segment_ids"],
+            dropout_key=key,
+        )
+        return jnp.sum(evaluate.token_nll(logits, mb["targets"]) * mb["loss_mask"])
+
+    grad_fn = jax.value_and_grad(sum_nll)
+
+    def train_step(state, batch):
+        params = state["params"]
+        key = jax.random.fold_in(base_key, state["step"])
+        if n_micro == 1:
+            nll, grads = grad_fn(params, batch, key)
+        else:
+
+            def accumulate(carry, xs):
+                mb, i = xs
+                nll_i, g_i = grad_fn(params, mb, jax.random.fold_in(key, i))
+                return jax.tree.map(jnp.add, carry, (nll_i, g_i)), None
+
+            zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+            xs = (_microbatches(batch, n_micro, s.batch_sharding), jnp.arange(n_micro))
+            (nll, grads), _ = jax.lax.scan(accumulate, zero, xs)
+        tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+        grads = jax.tree.map(lambda g: g / tokens, grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {
+            "params": optax.apply_updates(params, updates),
+            "opt_state": opt_state,
+            "step": state["step"] + 1,
+        }
+        metrics = {"loss": nll / tokens, "grad_norm": optax.global_norm(grads), "tokens": tokens}
+        return new_state, metrics
+
+    batch_sh = {k: s.batch_sharding for k in BATCH_KEYS}
+    replicated = NamedSharding(s.mesh, PartitionSpec())
+    return jax.jit(
+        train_step,
+        in_shardings=(s.state_shardings, batch_sh),
+        out_shardings=(s.state_shardings, replicated),
+        donate_argnums=(0,),
+    )
+
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "target_bytes")
+
+
+def make_eval_step(s: Setup):
+    graphdef = s.graphdef
+
+    def eval_step(params, batch):
+        return evaluate.lm_sums(nnx.merge(graphdef, params), batch)
+
+    batch_sh = {k: s.batch_sharding for k in BATCH_KEYS}
+    return jax.jit(
+        eval_step,
+        in_shardings=(s.state_shardings["params"], batch_sh),
+        out_shardings=NamedSharding(s.mesh, PartitionSpec()),
+    )
+
+
+def to_device(batch: dict, batch_sh: NamedSharding) -> dict:
+    """Global numpy batch -> global jax.Array, each process contributing only its rows."""
+    n, i = jax.process_count(), jax.process_index()
+    out = {}
+    for key in BATCH_KEYS:
+        x = np.asarray(batch[key])
+        rows = x.shape[0] // n
+        out[key] = jax.make_array_from_process_local_data(
+            batch_sh, x[i * rows : (i + 1) * rows], x.shape
+        )
+    return out
+
+
+class Prefetcher:
+    """Builds and places batches for steps [start, end) on device in a background thread."""
+
+    def __init__(self, make_batch, batch_sh, start: int, end: int, depth: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._work, args=(make_batch, batch_sh, start, end), daemon=True
+        )
+        self._thread.start()
+
+    def _work(self, make_batch, batch_sh, start, end):
+        try:
+            for step in range(start, end):
+                item = to_device(make_batch(step), batch_sh)
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except Exception as e:  # surfaced to the training thread by next()
+            self._queue.put(e)
+
+    def next(self) -> dict:
+        item = self._queue.get()
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+class StopSignal:
+    """SIGTERM/SIGINT set a flag; the loop saves at the current step and returns cleanly."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def run_eval(s: Setup, eval_step, params) -> dict:
+    sums = None
+    for batch in s.data.eval_batches(s.config.train.eval_steps):
+        sums = evaluate.add_sums(sums, eval_step(params, to_device(batch, s.batch_sharding)))
+    return evaluate.finish_lm(jax.device_get(sums))
+
+
+def save_config(config, workdir: Path) -> None:
+    """Write config.json; an earlier, different one is kept as config.N.json, never lost."""
+    path = workdir / "config.json"
+    text = config_lib.to_json(config)
+    if path.exists() and path.read_text() != text:
+        n = 1
+        while (workdir / f"config.{n}.json").exists():
+            n += 1
+        path.rename(workdir / f"config.{n}.json")
+    if not path.exists():
+        path.write_text(text)
+
+
+
+def train(config, workdir: str | Path, devices=None) -> dict:
+    """Train (or resume) the configured model in `workdir`; returns the final metrics."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        save_config(config, workdir)
+    s = setup(config, workdir, devices)
+    ckpt = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
+    try:
+        return _Loop(s, ckpt, workdir).run()
+    finally:
+        ckpt.close()
+
+
+def restore_or_init(s: Setup, ckpt: Checkpointer) -> dict:
+    latest = ckpt.latest_step()
+    if latest is None:
+        return create_state(s)
+    monitor.console(f"resuming from checkpoint at step {latest} in {ckpt.directory}")
+    return ckpt.restore(latest, abstract_state(s), expect_meta=s.meta())
+
+
+class _Loop:
+    """The hot loop: dispatch ahead, read metrics one step late, save and evaluate on schedule."""
+
+    def __init__(self, s: Setup, ckpt: Checkpointer, workdir: Path):
+        self.s, self.ckpt, self.cfg = s, ckpt, s.config.train
+        self.writer = monitor.MetricsWriter(workdir)
+        self.tokens_per_step = s.config.data.batch_size * s.config.data.seq_len
+        peak = evaluate.peak_tflops(jax.devices()[0].device_kind, self.cfg.peak_tflops)
+        flops = evaluate.flops_per_token(s.model_cfg, s.config.data.seq_len)
+        self.peak_flops = None if peak is None else peak * 1e12 * s.mesh.size
+        self.flops_per_token = flops
+        self.train_step = make_train_step(s)
+        self.eval_step = make_eval_step(s)
+        self.clock = (time.perf_counter(), 0)  # (time, step) at the start of the log window
+
+    def run(self) -> dict:
+        s, cfg = self.s, self.cfg
+        with sharding.use_rules(s.mesh, s.config.mesh.rules):
+            state = restore_or_init(s, self.ckpt)
+            start = int(jax.device_get(state["step"]))
+            if s.data.baselines:
+                monitor.console(
+                    "compressors on the validation text: "
+                    + ", ".join(f"{k} {v:.4f} bits/byte" for k, v in s.data.baselines.items())
+                )
+            with StopSignal() as stop:
+                state, step = self._steps(state, start, stop)
+            if stop.received is not None and step < cfg.steps:
+                self._save(step, state)
+                self.ckpt.wait()
+                monitor.console(
+                    f"received signal {stop.received}: saved checkpoint at step {step}; "
+                    "run the same command again to resume"
+                )
+                return {"step": step, "stopped": True}
+            final = self._evaluate(step, state["params"])
+            self._save(step, state)
+        self.writer.close()
+        return self._summary(step, final)
+
+    def _steps(self, state, start: int, stop: StopSignal):
+        s, cfg = self.s, self.cfg
+        prefetch = Prefetcher(s.data.train_batch, s.batch_sharding, start, cfg.steps, s.config.data.prefetch)
+        pending, step = None, start
+        self.clock, self.first_step = (time.perf_counter(), start), start + 1
+        try:
+            while step < cfg.steps and stop.received is None:
+                state, metrics = self.train_step(state, prefetch.next())
+                step += 1
+                if pending is not None:
+                    self._finish(*pending)  # the previous step's metrics, read one step late
+                pending = (step, metrics)
+                evaluating = cfg.eval_every > 0 and step % cfg.eval_every == 0
+                saving = step % cfg.checkpoint_every == 0
+                if evaluating or saving or step == cfg.steps or stop.received is not None:
+                    self._finish(*pending)
+                    pending = None
+                if evaluating and step < cfg.steps:
+                    self._evaluate(step, state["params"])
+                if saving and step < cfg.steps:
+                    self._save(step, state)
+                if evaluating or saving:
+                    self.clock = (time.perf_counter(), step)  # keep eval/save out of tokens/s
+        finally:
+            prefetch.close()
+        return state, step
+
+    def _finish(self, step: int, metrics) -> None:
+        """Check a step's loss (NaN stops the run) and log it when due."""
+        m = jax.device_get(metrics)
+        loss, gnorm = float(m["loss"]), float(m["grad_norm"])
+        if not (np.isfinite(loss) and np.isfinite(gnorm)):
+            raise TrainingError(
+                f"loss is {loss} (grad norm {gnorm}) at step {step}; training stopped and the "
+                f"last good checkpoint (step {self.ckpt.latest_step()}) is kept: lower optim.lr, "
+                "raise optim.warmup_steps or set optim.clip_norm, then re-run to resume"
+            )
+        due = step % self.cfg.log_every == 0 or step == self.cfg.steps
+        t0, step0 = self.clock
+        now = time.perf_counter()
+        if not due:
+            if step == self.first_step:
+                self.clock = (now, step)  # keep compilation out of tokens/s
+            return
+        tok_s = (step - step0) * self.tokens_per_step / max(now - t0, 1e-9)
+        record = {
+            "train/loss": loss,
+            "train/grad_norm": gnorm,
+            "train/lr": float(self.s.schedule(step - 1)),
+            "tokens_per_sec": tok_s,
+        }
+        if self.peak_flops:
+            record["mfu"] = tok_s * self.flops_per_token / self.peak_flops
+        eta = (self.cfg.steps - step) * (now - t0) / max(step - step0, 1)
+        monitor.console(monitor.progress_line(step, self.cfg.steps, record, eta))
+        self.writer.write(step, record)
+        self.clock = (now, step)
+
+    def _evaluate(self, step: int, params) -> dict:
+        metrics = run_eval(self.s, self.eval_step, params)
+        monitor.console(monitor.eval_line(step, metrics))
+        self.writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
+        return metrics
+
+    def _save(self, step: int, state) -> None:
+        self.ckpt.save(step, state, {**self.s.meta(), "step": step})
+
+    def _summary(self, step: int, final: dict) -> dict:
+        out = {"step": step, **{f"eval/{k}": v for k, v in final.items()}}
+        baselines = self.s.data.baselines or {}
+        if "bits_per_byte" in final:
+            line = f"final validation bits/byte {final['bits_per_byte']:.4f}"
+            line += "".join(f" | {k} {v:.4f}" for k, v in baselines.items())
+            monitor.console(line)
+        out.update({f"baseline/{k}": v for k, v in baselines.items()})
+        return out
