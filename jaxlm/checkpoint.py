@@ -27,7 +27,11 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        # Registering the handlers lets item_metadata read a checkpoint before restoring it.
+        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(
+            self.directory, item_names=tuple(handlers), item_handlers=handlers, options=options
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

@@ -109,6 +109,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.eval_steps = 20  # validation batches per evaluation; 0: the whole split
     t.checkpoint_every = 500  # steps between checkpoints (one is always written at the end)
     t.keep_checkpoints = 3  # checkpoints kept on disk
+    t.stop_at = 0  # stop with a checkpoint at this step, as if preempted; 0: run to train.steps
     t.peak_tflops = 0.0  # device peak for MFU; 0: look it up from the device kind
 
     c.mesh = mh = ml_collections.ConfigDict()

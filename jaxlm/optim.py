@@ -41,7 +41,9 @@ def weight_decay_mask(params, optim):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(optim, total_steps: int, params) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+    optim, total_steps: int, params
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with the config's schedule, clipping and decay mask; returns (tx, schedule)."""
     schedule = learning_rate_schedule(optim, total_steps)
     parts = []

@@ -67,7 +67,9 @@ def abstract_model(model_cfg: TransformerConfig):
 
 def init_state(model_cfg: TransformerConfig, tx, seed: int) -> dict:
     """Fresh train state; run under jit with out_shardings so it is born sharded."""
-    model = TransformerLM(model_cfg, rngs=nnx.Rngs(params=jax.random.fold_in(jax.random.key(seed), 1)))
+    model = TransformerLM(
+        model_cfg, rngs=nnx.Rngs(params=jax.random.fold_in(jax.random.key(seed), 1))
+    )
     params = nnx.state(model, nnx.Param).to_pure_dict()
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
@@ -87,7 +89,15 @@ def setup(config, workdir: str | Path, devices=None) -> Setup:
         "step": NamedSharding(mesh, PartitionSpec()),
     }
     return Setup(
-        config, mesh, model_cfg, graphdef, tx, schedule, state_sh, sharding.batch_sharding(mesh), data
+        config,
+        mesh,
+        model_cfg,
+        graphdef,
+        tx,
+        schedule,
+        state_sh,
+        sharding.batch_sharding(mesh),
+        data,
     )
 
 
@@ -277,7 +287,6 @@ def save_config(config, workdir: Path) -> None:
         path.write_text(text)
 
 
-
 def train(config, workdir: str | Path, devices=None) -> dict:
     """Train (or resume) the configured model in `workdir`; returns the final metrics."""
     workdir = Path(workdir)
@@ -327,12 +336,12 @@ class _Loop:
                 )
             with StopSignal() as stop:
                 state, step = self._steps(state, start, stop)
-            if stop.received is not None and step < cfg.steps:
+            if step < cfg.steps:  # a signal, or train.stop_at
                 self._save(step, state)
                 self.ckpt.wait()
+                why = f"received signal {stop.received}" if stop.received else "train.stop_at"
                 monitor.console(
-                    f"received signal {stop.received}: saved checkpoint at step {step}; "
-                    "run the same command again to resume"
+                    f"{why}: saved checkpoint at step {step}; run the same command to resume"
                 )
                 return {"step": step, "stopped": True}
             final = self._evaluate(step, state["params"])
@@ -342,11 +351,14 @@ class _Loop:
 
     def _steps(self, state, start: int, stop: StopSignal):
         s, cfg = self.s, self.cfg
-        prefetch = Prefetcher(s.data.train_batch, s.batch_sharding, start, cfg.steps, s.config.data.prefetch)
+        prefetch = Prefetcher(
+            s.data.train_batch, s.batch_sharding, start, cfg.steps, s.config.data.prefetch
+        )
         pending, step = None, start
+        end = min(cfg.stop_at, cfg.steps) if cfg.stop_at > 0 else cfg.steps
         self.clock, self.first_step = (time.perf_counter(), start), start + 1
         try:
-            while step < cfg.steps and stop.received is None:
+            while step < end and stop.received is None:
                 state, metrics = self.train_step(state, prefetch.next())
                 step += 1
                 if pending is not None:
@@ -354,7 +366,7 @@ class _Loop:
                 pending = (step, metrics)
                 evaluating = cfg.eval_every > 0 and step % cfg.eval_every == 0
                 saving = step % cfg.checkpoint_every == 0
-                if evaluating or saving or step == cfg.steps or stop.received is not None:
+                if evaluating or saving or step == end or stop.received is not None:
                     self._finish(*pending)
                     pending = None
                 if evaluating and step < cfg.steps:
@@ -373,9 +385,9 @@ class _Loop:
         loss, gnorm = float(m["loss"]), float(m["grad_norm"])
         if not (np.isfinite(loss) and np.isfinite(gnorm)):
             raise TrainingError(
-                f"loss is {loss} (grad norm {gnorm}) at step {step}; training stopped and the "
-                f"last good checkpoint (step {self.ckpt.latest_step()}) is kept: lower optim.lr, "
-                "raise optim.warmup_steps or set optim.clip_norm, then re-run to resume"
+                f"non-finite loss {loss} or grad norm {gnorm} at step {step}; training stopped, "
+                f"the last good checkpoint (step {self.ckpt.latest_step()}) is kept: lower "
+                "optim.lr, raise optim.warmup_steps or set optim.clip_norm, then re-run to resume"
             )
         due = step % self.cfg.log_every == 0 or step == self.cfg.steps
         t0, step0 = self.clock

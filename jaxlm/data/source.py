@@ -16,7 +16,6 @@ import numpy as np
 
 from jaxlm.data import corpus, pipeline
 
-
 EVAL_STEP_OFFSET = 2**40
 
 
@@ -43,17 +42,16 @@ def _synthetic(config) -> DataSource:
     d, seed = config.data, config.train.seed
     vocab = config.model.vocab_size or d.tokenizer_vocab_size
 
-    def train_batch(step: int) -> dict:
-        return pipeline.synthetic_batch(step, d.batch_size, d.seq_len, vocab, seed)
+    def batch(step: int) -> dict:
+        out = pipeline.synthetic_batch(step, d.batch_size, d.seq_len, vocab, seed)
+        out["target_bytes"] = np.zeros_like(out["target_bytes"])  # no text: no bits per byte
+        return out
 
     def eval_batches(n: int) -> list[dict]:
         # Same chain, steps no run reaches: validation batches never appear in training.
-        return [
-            pipeline.synthetic_batch(EVAL_STEP_OFFSET + i, d.batch_size, d.seq_len, vocab, seed)
-            for i in range(n or 4)
-        ]
+        return [batch(EVAL_STEP_OFFSET + i) for i in range(n or 4)]
 
-    return DataSource(vocab, train_batch, eval_batches)
+    return DataSource(vocab, batch, eval_batches)
 
 
 def load_tokenizer(config, workdir: Path):

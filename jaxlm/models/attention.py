@@ -29,8 +29,12 @@ class Attention(nnx.Module):
         d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         common = dict(use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         std = cfg.init_std
-        self.query = DenseGeneral((d,), (n, h), ("embed", "heads", "kv"), std=std, rngs=rngs, **common)
-        self.key = DenseGeneral((d,), (k, h), ("embed", "kv_heads", "kv"), std=std, rngs=rngs, **common)
+        self.query = DenseGeneral(
+            (d,), (n, h), ("embed", "heads", "kv"), std=std, rngs=rngs, **common
+        )
+        self.key = DenseGeneral(
+            (d,), (k, h), ("embed", "kv_heads", "kv"), std=std, rngs=rngs, **common
+        )
         self.value = DenseGeneral(
             (d,), (k, h), ("embed", "kv_heads", "kv"), std=std, rngs=rngs, **common
         )
@@ -56,8 +60,11 @@ class Attention(nnx.Module):
         v_BSKH = self.value(src_BSD)
         if self.cfg.positions == "rope" and not cross:
             q_BTNH = rope(q_BTNH, positions_BT, self.cfg.rope_theta)
-            k_BSKH = rope(k_BSKH, positions_BT if kv_positions_BS is None else kv_positions_BS,
-                          self.cfg.rope_theta)
+            k_BSKH = rope(
+                k_BSKH,
+                positions_BT if kv_positions_BS is None else kv_positions_BS,
+                self.cfg.rope_theta,
+            )
         q_BTNH = sharding.constrain(q_BTNH, ("batch", "length", "heads", "kv"))
         k_BSKH = sharding.constrain(k_BSKH, ("batch", "length", "kv_heads", "kv"))
         v_BSKH = sharding.constrain(v_BSKH, ("batch", "length", "kv_heads", "kv"))

@@ -38,7 +38,7 @@ def make_param(
 
 
 class DenseGeneral(nnx.Module):
-    """y = einsum(x, W) (+ b) over explicit in/out shapes, e.g. D -> (N, H) for a query projection."""
+    """y = einsum(x, W) (+ b) over explicit in/out shapes, e.g. D -> (N, H) for a query."""
 
     def __init__(
         self,
@@ -73,7 +73,9 @@ class Embed(nnx.Module):
 
     def __init__(self, num: int, dim: int, *, std: float, dtype: str, param_dtype: str, rngs):
         self.dtype = dtype_of(dtype)
-        self.embedding = make_param(rngs, (num, dim), ("vocab", "embed"), std, dtype_of(param_dtype))
+        self.embedding = make_param(
+            rngs, (num, dim), ("vocab", "embed"), std, dtype_of(param_dtype)
+        )
 
     def __call__(self, ids_BT):
         return jnp.take(self.embedding[...], ids_BT, axis=0).astype(self.dtype)
@@ -95,9 +97,7 @@ class RMSNorm(nnx.Module):
 
 
 class LayerNorm(nnx.Module):
-    def __init__(
-        self, dim: int, *, eps: float, use_bias: bool, dtype: str, param_dtype: str, rngs
-    ):
+    def __init__(self, dim: int, *, eps: float, use_bias: bool, dtype: str, param_dtype: str, rngs):
         self.eps, self.dtype = eps, dtype_of(dtype)
         pdt = dtype_of(param_dtype)
         self.scale = make_param(rngs, (dim,), ("embed",), -1.0, pdt)

@@ -53,7 +53,9 @@ class TransformerConfig:
         bias = bias if self.use_bias else 0
         norms = 2 * d * (2 if self.use_bias and self.norm == "layernorm" else 1)
         block = attn + mlp + bias + norms
-        total = self.num_layers * block + d * (2 if self.norm == "layernorm" and self.use_bias else 1)
+        total = self.num_layers * block + d * (
+            2 if self.norm == "layernorm" and self.use_bias else 1
+        )
         total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
         if embeddings and self.positions == "learned":
             total += self.max_len * d
@@ -98,7 +100,10 @@ class TransformerLM(nnx.Module):
         self.embed = Embed(cfg.vocab_size, cfg.d_model, std=cfg.init_std, rngs=rngs, **common)
         if cfg.positions == "learned":
             self.pos_embed = make_param(
-                rngs, (cfg.max_len, cfg.d_model), (None, "embed"), cfg.init_std / 2,
+                rngs,
+                (cfg.max_len, cfg.d_model),
+                (None, "embed"),
+                cfg.init_std / 2,
                 dtype_of(cfg.param_dtype),
             )
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
@@ -107,7 +112,10 @@ class TransformerLM(nnx.Module):
         )
         if not cfg.tie_embeddings:
             self.lm_head = make_param(
-                rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std,
+                rngs,
+                (cfg.d_model, cfg.vocab_size),
+                ("embed", "vocab"),
+                cfg.init_std,
                 dtype_of(cfg.param_dtype),
             )
 

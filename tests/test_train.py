@@ -1,0 +1,162 @@
+"""The training loop: resume, signals, NaN stop, checkpoint checks, logging, accumulation."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from jaxlm import train
+from jaxlm.checkpoint import CheckpointError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def final_loss(workdir: Path) -> float:
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r["train/loss"] for r in records if "train/loss" in r][-1]
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    c = tiny_config()
+    c.model.dropout = 0.1  # dropout keys must also continue exactly
+    full = train.train(c, tmp_path / "full")
+    c.train.stop_at = 3
+    half = train.train(c, tmp_path / "split")
+    assert half == {"step": 3, "stopped": True}
+    c.train.stop_at = 0
+    rest = train.train(c, tmp_path / "split")
+    assert rest["step"] == 6
+    np.testing.assert_allclose(
+        final_loss(tmp_path / "split"), final_loss(tmp_path / "full"), rtol=1e-5
+    )
+    np.testing.assert_allclose(rest["eval/loss"], full["eval/loss"], rtol=1e-5)
+
+
+def test_outputs_in_the_workdir(tmp_path):
+    c = tiny_config()
+    out = train.train(c, tmp_path)
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in records if "train/loss" in r]
+    assert train_steps == [2, 4, 6]
+    assert {"train/lr", "tokens_per_sec", "train/grad_norm"} <= set(records[0])
+    assert any("eval/perplexity" in r for r in records)
+    np.testing.assert_allclose(out["eval/perplexity"], np.exp(out["eval/loss"]), rtol=1e-6)
+    assert any((tmp_path / "tensorboard").iterdir())
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 6
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [3, 6]
+    # A changed config keeps the earlier one rather than overwriting it.
+    c.train.steps = 8
+    train.train(c, tmp_path)
+    assert json.loads((tmp_path / "config.1.json").read_text())["train"]["steps"] == 6
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 8
+
+
+def test_gradient_accumulation_matches_one_batch(tmp_path):
+    c = tiny_config()
+    c.mesh.tensor = 2  # data=4: each of the 2 microbatches (4 rows) still splits evenly
+    c.train.steps = 3
+    whole = train.train(c, tmp_path / "whole")
+    c.optim.grad_accum_steps = 2
+    micro = train.train(c, tmp_path / "micro")
+    np.testing.assert_allclose(micro["eval/loss"], whole["eval/loss"], rtol=1e-5)
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
+    c = tiny_config()
+    c.optim.lr = 1e30
+    c.optim.warmup_steps = 0
+    c.optim.clip_norm = 0.0
+    c.train.checkpoint_every = 1
+    with pytest.raises(
+        train.TrainingError,
+        match=r"non-finite loss .* at step \d+; .* last good checkpoint \(step \d+\) is kept",
+    ):
+        train.train(c, tmp_path)
+    kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())
+    assert kept and max(kept) < 6
+
+
+def checkpoint_files(workdir: Path) -> dict:
+    return {
+        str(p): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted((workdir / "checkpoints").rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_checkpoint_from_another_model_is_refused_and_untouched(tmp_path):
+    c = tiny_config()
+    c.train.steps = 3
+    train.train(c, tmp_path)
+    before = checkpoint_files(tmp_path)
+    c.model.d_model = 64
+    c.train.steps = 6
+    with pytest.raises(CheckpointError, match=r"model.d_model=32 \(config has 64\)"):
+        train.train(c, tmp_path)
+    assert checkpoint_files(tmp_path) == before
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    c = tiny_config()
+    c.train.steps = 3
+    train.train(c, tmp_path)
+    for p in (tmp_path / "checkpoints" / "3" / "state").rglob("*"):
+        if p.is_file() and p.stat().st_size > 0 and "ocdbt" in str(p) or p.name.startswith("d"):
+            if p.is_file():
+                p.write_bytes(b"garbage")
+    before = checkpoint_files(tmp_path)
+    c.train.steps = 6
+    with pytest.raises(CheckpointError, match="could not be read .* corrupt"):
+        train.train(c, tmp_path)
+    assert checkpoint_files(tmp_path) == before
+
+
+def cli(*args, **popen):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "jaxlm.cli.train", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, **popen)
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+    proc = cli(
+        "--config", "experiments/pylm_tiny.py", "--workdir", str(tmp_path),
+        "--config.data.source=synthetic", "--config.model.vocab_size=64",
+        "--config.train.steps=100000", "--config.train.log_every=1",
+        "--config.model.num_layers=1", "--config.data.batch_size=8",
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    for line in proc.stdout:
+        if line.startswith("step 3/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out
+    assert "saved checkpoint at step" in out
+    saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir()]
+    assert len(saved) == 1 and 3 <= saved[0] < 100000
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("--config.train.stpes=5", "unknown config key 'train.stpes'"),
+        ("--config.train.steps=abc", "config key 'train.steps' expects int, got 'abc'"),
+        ("--config.model.norm=batchnorm", "config key 'model.norm' is 'batchnorm'; choose one of"),
+    ],
+)
+def test_cli_config_errors_are_one_line(tmp_path, override, message):
+    proc = cli(
+        "--config", "experiments/pylm_tiny.py", "--workdir", str(tmp_path), override,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    lines = [x for x in err.splitlines() if x.startswith("jaxlm-train: error:")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert not (tmp_path / "checkpoints").exists()
