@@ -22,11 +22,21 @@ def token_nll(logits_BTV, targets_BT):
     return logz - target_logit
 
 
-def lm_sums(model, batch) -> dict[str, jax.Array]:
-    """Sums of NLL, counted tokens and their bytes for one batch (deterministic forward)."""
-    logits = model(
-        batch["inputs"], positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"]
+def forward(model, batch, *, packed: bool, dropout_key=None):
+    """Logits for a batch; unpacked rows skip the segment mask (cuDNN then runs pure causal)."""
+    if not packed:
+        return model(batch["inputs"], dropout_key=dropout_key)
+    return model(
+        batch["inputs"],
+        positions_BT=batch["positions"],
+        segment_ids_BT=batch["segment_ids"],
+        dropout_key=dropout_key,
     )
+
+
+def lm_sums(model, batch, *, packed: bool = True) -> dict[str, jax.Array]:
+    """Sums of NLL, counted tokens and their bytes for one batch (deterministic forward)."""
+    logits = forward(model, batch, packed=packed)
     nll = token_nll(logits, batch["targets"]) * batch["loss_mask"]
     return {
         "nll": jnp.sum(nll),

@@ -131,14 +131,10 @@ def make_train_step(s: Setup):
     graphdef, tx, n_micro = s.graphdef, s.tx, s.config.optim.grad_accum_steps
     base_key = jax.random.fold_in(jax.random.key(s.config.train.seed), 2)
 
+    packed = s.data.packed
+
     def sum_nll(params, mb, key):
-        model = nnx.merge(graphdef, params)
-        logits = model(
-            mb["inputs"],
-            positions_BT=mb["positions"],
-            segment_ids_BT=mb["segment_ids"],
-            dropout_key=key,
-        )
+        logits = evaluate.forward(nnx.merge(graphdef, params), mb, packed=packed, dropout_key=key)
         return jnp.sum(evaluate.token_nll(logits, mb["targets"]) * mb["loss_mask"])
 
     grad_fn = jax.value_and_grad(sum_nll)
@@ -183,10 +179,10 @@ BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "tar
 
 
 def make_eval_step(s: Setup):
-    graphdef = s.graphdef
+    graphdef, packed = s.graphdef, s.data.packed
 
     def eval_step(params, batch):
-        return evaluate.lm_sums(nnx.merge(graphdef, params), batch)
+        return evaluate.lm_sums(nnx.merge(graphdef, params), batch, packed=packed)
 
     batch_sh = {k: s.batch_sharding for k in BATCH_KEYS}
     return jax.jit(

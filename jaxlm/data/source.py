@@ -26,6 +26,7 @@ class DataSource:
     eval_batches: Callable[[int], list[dict]]  # max batches (0: all) -> fixed validation batches
     tokenizer_sha256: str | None = None
     baselines: dict | None = None  # compressor bits per byte on the validation text
+    packed: bool = True  # rows hold several documents: the model needs segment ids
 
 
 def cache_dir(config) -> Path:
@@ -51,7 +52,7 @@ def _synthetic(config) -> DataSource:
         # Same chain, steps no run reaches: validation batches never appear in training.
         return [batch(EVAL_STEP_OFFSET + i) for i in range(n or 4)]
 
-    return DataSource(vocab, batch, eval_batches)
+    return DataSource(vocab, batch, eval_batches, packed=False)
 
 
 def load_tokenizer(config, workdir: Path):

@@ -1,0 +1,42 @@
+"""jaxlm-bench --config experiments/NAME.py [--steps N] [--config.KEY=VALUE ...]
+
+Prints one JSON line: median step ms, tokens/s, model TFLOP/s, MFU, peak memory, versions.
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import app, flags, logging
+
+from jaxlm.cli import common
+
+flags.DEFINE_string("config", None, "Experiment file defining get_config().")
+flags.DEFINE_integer("steps", 20, "Timed steps (after compilation and warm-up).")
+flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+FLAGS = flags.FLAGS
+_OVERRIDES: list[str] = []
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    from jaxlm import config as config_lib
+    from jaxlm.benchmark import benchmark
+
+    if not FLAGS.config:
+        common.fail("jaxlm-bench", ValueError("--config is required"))
+    try:
+        config = config_lib.load_config(FLAGS.config, _OVERRIDES)
+        result = benchmark(config, steps=FLAGS.steps, warmup=FLAGS.warmup)
+    except common.USER_ERRORS as e:
+        common.fail("jaxlm-bench", e)
+    print(json.dumps({"config": FLAGS.config, "overrides": _OVERRIDES, **result}), flush=True)
+
+
+def run() -> None:
+    app.run(main, flags_parser=common.make_flags_parser(_OVERRIDES))
+
+
+if __name__ == "__main__":
+    run()
