@@ -18,6 +18,7 @@ def get_config():
     c.model.num_kv_heads = 2
     c.model.d_ff = 512
     c.model.max_len = 128
+    c.model.dtype = "float32"  # CPUs have no fast bf16 matmuls
     c.data.seq_len = 128
     c.data.batch_size = 32
     c.data.tokenizer_vocab_size = 2048

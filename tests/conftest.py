@@ -23,6 +23,7 @@ def tiny_config(source: str = "synthetic"):
     c.model.num_kv_heads = 2
     c.model.d_ff = 64
     c.model.max_len = 16
+    c.model.dtype = "float32"  # exact comparisons (sharded vs one device, resume)
     c.data.source = source
     c.data.batch_size = 8
     c.data.seq_len = 16

@@ -160,3 +160,18 @@ def test_cli_config_errors_are_one_line(tmp_path, override, message):
     lines = [x for x in err.splitlines() if x.startswith("jaxlm-train: error:")]
     assert len(lines) == 1 and message in lines[0], err
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_trains_on_the_embedded_corpus(tmp_path):
+    c = tiny_config(source="python_stdlib")
+    c.data.cache_dir = str(tmp_path / "cache")
+    c.data.tokenizer_vocab_size = 512
+    c.model.vocab_size = 0  # taken from the tokenizer
+    c.train.steps = 2
+    c.train.eval_steps = 2
+    out = train.train(c, tmp_path / "run")
+    assert (tmp_path / "run" / "tokenizer.model").is_file()
+    assert out["eval/bits_per_byte"] > 0 and set(out) >= {"baseline/zlib-9", "baseline/xz-9"}
+    # bits per byte is the same NLL measured per byte instead of per token.
+    ratio = out["eval/bits_per_byte"] / out["eval/loss"]
+    np.testing.assert_allclose(ratio, out["eval/tokens"] / out["eval/bytes"] / np.log(2), rtol=1e-6)
