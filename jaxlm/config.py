@@ -50,11 +50,19 @@ CHOICES = {
     "data.normalize": ("none", "NFC", "NFKC"),
     "data.tokenizer_type": ("bpe", "unigram", "char"),
     "optim.schedule": ("cosine", "linear", "constant"),
-    "task.objective": ("lm", "mlm"),
+    "task.objective": ("lm", "mlm", "span_corruption", "seq2seq", "classify"),
 }
 
-# The model family each objective trains; the other families have no trainer objective yet.
-OBJECTIVE_FAMILY = {"lm": "decoder", "mlm": "encoder"}
+# The model families each objective trains (the first is the one to suggest).
+OBJECTIVE_FAMILY = {
+    "lm": ("decoder",),
+    "mlm": ("encoder",),
+    "span_corruption": ("encoder_decoder",),
+    "seq2seq": ("encoder_decoder",),
+    "classify": ("encoder", "decoder"),
+}
+# Objectives that read labelled examples (data.input_key/target_key/label_key), not documents.
+EXAMPLE_OBJECTIVES = ("seq2seq", "classify")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -96,6 +104,9 @@ def base_config() -> ml_collections.ConfigDict:
     k.mask_rate = 0.15  # mlm: share of real tokens chosen for prediction (BERT: 0.15)
     k.mask_frac = 0.8  # mlm: share of chosen tokens replaced by <mask> (BERT: 0.8)
     k.random_frac = 0.1  # mlm: share replaced by a random token (BERT: 0.1); the rest stay
+    k.noise_density = 0.15  # span_corruption: share of tokens dropped into spans (T5: 0.15)
+    k.mean_span_length = 3.0  # span_corruption: mean noise span length in tokens (T5: 3)
+    k.class_weights = ()  # classify: per-class loss weights (empty: all 1)
 
     c.data = d = ml_collections.ConfigDict()
     # Comma-separated mixture of KIND[:ARG][@WEIGHT]: python_stdlib, synthetic, tfds:NAME,
@@ -115,7 +126,11 @@ def base_config() -> ml_collections.ConfigDict:
     d.dedup = True  # drop exact duplicate documents (within a source and split)
     d.pack = True  # pack documents into rows with segment ids; False: a document per row, padded
     d.batch_size = 32  # global batch in sequences, over all devices and hosts
-    d.seq_len = 256  # tokens per sequence
+    d.seq_len = 256  # tokens per sequence (seq2seq and classify: per input, longer truncated)
+    d.target_len = 64  # seq2seq and span_corruption: decoder tokens per example, EOS included
+    d.input_key = ""  # seq2seq/classify: feature or JSONL field with the input text
+    d.target_key = ""  # seq2seq: feature or JSONL field with the target text
+    d.label_key = "label"  # classify: feature or JSONL field with the integer class label
     d.tokenizer = ""  # SentencePiece .model (local or gs://); empty: train one on a sample
     d.tokenizer_vocab_size = 4096  # vocabulary size when training a tokenizer
     d.tokenizer_type = "bpe"  # SentencePiece model type when training: bpe, unigram or char
@@ -152,6 +167,8 @@ def base_config() -> ml_collections.ConfigDict:
     t.checkpoint_dir = ""  # where checkpoints go (local or gs://); empty: WORKDIR/checkpoints
     t.stop_at = 0  # stop with a checkpoint at this step, as if preempted; 0: run to train.steps
     t.peak_tflops = 0.0  # device peak for MFU; 0: look it up from the device kind
+    t.init_from = ""  # WORKDIR[:STEP] of a trained run: start from its matching parameters
+    t.freeze = ""  # comma-separated regexes of parameter paths (blocks/0/attn/...) kept fixed
 
     c.mesh = mh = ml_collections.ConfigDict()
     mh.dcn_data = 1  # data-parallel axis across slices (multislice over DCN): number of slices
@@ -320,16 +337,49 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def _validate_task(config: ml_collections.ConfigDict) -> None:
     k, family = config.task, config.model.family
-    need = OBJECTIVE_FAMILY[k.objective]
-    if family != need:
-        fits = [obj for obj, fam in OBJECTIVE_FAMILY.items() if fam == family]
-        fix = f" or --config.task.objective={fits[0]}" if fits else f" ({family} has none yet)"
+    fits = OBJECTIVE_FAMILY[k.objective]
+    if family not in fits:
+        others = [obj for obj, fams in OBJECTIVE_FAMILY.items() if family in fams]
         raise ConfigError(
-            f"task.objective={k.objective} trains model.family={need}, not {family}; set "
-            f"--config.model.family={need}{fix}"
+            f"task.objective={k.objective} trains model.family={' or '.join(fits)}, not "
+            f"{family}; set --config.model.family={fits[0]} or --config.task.objective="
+            f"{others[0]}"
         )
     if k.objective == "mlm" and not config.data.tokenizer_mask and _trains_tokenizer(config.data):
         raise ConfigError(MLM_NEEDS_MASK)
+    if k.objective == "span_corruption":
+        if not config.data.tokenizer_sentinels and _trains_tokenizer(config.data):
+            raise ConfigError(SPANS_NEED_SENTINELS)
+        if not 0.0 < k.noise_density < 1.0 or k.mean_span_length < 1.0:
+            raise ConfigError(
+                f"task.noise_density={k.noise_density} must be in (0, 1) and "
+                f"task.mean_span_length={k.mean_span_length} at least 1 (T5: 0.15 and 3)"
+            )
+    if k.objective == "classify":
+        if config.model.num_classes < 2:
+            raise ConfigError(
+                "task.objective=classify needs model.num_classes >= 2; set "
+                "--config.model.num_classes=<number of labels>"
+            )
+        if k.class_weights and len(k.class_weights) != config.model.num_classes:
+            raise ConfigError(
+                f"task.class_weights has {len(k.class_weights)} weights for "
+                f"model.num_classes={config.model.num_classes}; give one per class or ()"
+            )
+        if any(w < 0 for w in k.class_weights):
+            raise ConfigError(f"task.class_weights must be >= 0, got {k.class_weights}")
+    if k.objective in EXAMPLE_OBJECTIVES:
+        wanted = ["input_key"] + (["target_key"] if k.objective == "seq2seq" else ["label_key"])
+        for key in wanted:
+            if not config.data[key]:
+                raise ConfigError(
+                    f"task.objective={k.objective} reads examples: set --config.data.{key} to "
+                    "the feature (TFDS) or field (JSONL) that holds it"
+                )
+    if config.data.target_len < 2:
+        raise ConfigError(
+            f"config key 'data.target_len' must be >= 2, got {config.data.target_len}"
+        )
     for key in ("task.mask_rate", "task.mask_frac", "task.random_frac"):
         if not 0.0 <= _get(config, key) <= 1.0:
             raise ConfigError(f"config key {key!r} must be in [0, 1], got {_get(config, key)}")
@@ -340,6 +390,10 @@ def _validate_task(config: ml_collections.ConfigDict) -> None:
         )
 
 
+SPANS_NEED_SENTINELS = (
+    "task.objective=span_corruption needs <extra_id_N> sentinel pieces in the tokenizer; set "
+    "--config.data.tokenizer_sentinels=100 (T5) or point data.tokenizer at one that has them"
+)
 MLM_NEEDS_MASK = (
     "task.objective=mlm needs a <mask> piece in the tokenizer; set --config.data.tokenizer_mask="
     "True (a tokenizer with it is trained once) or point data.tokenizer at one that has it"

@@ -32,7 +32,7 @@ def tiny_config(source: str = "synthetic", objective: str = "lm"):
     """
     c = base_config()
     c.task.objective = objective
-    c.model.family = OBJECTIVE_FAMILY[objective]
+    c.model.family = OBJECTIVE_FAMILY[objective][0]
     c.model.vocab_size = 64
     c.model.d_model = 32
     c.model.num_layers = 2

@@ -48,7 +48,23 @@ def test_synthetic_mlm_reserves_the_mask_id(tmp_path):
     [
         ({"task.objective": "mlm"}, "task.objective=mlm trains model.family=encoder, not decoder"),
         ({"model.family": "encoder"}, "--config.task.objective=mlm"),
-        ({"model.family": "encoder_decoder"}, r"\(encoder_decoder has none yet\)"),
+        ({"model.family": "encoder_decoder"}, "--config.task.objective=span_corruption"),
+        (
+            {"task.objective": "classify", "model.family": "encoder"},
+            "needs model.num_classes >= 2",
+        ),
+        (
+            {"task.objective": "seq2seq", "model.family": "encoder_decoder"},
+            "set --config.data.input_key",
+        ),
+        (
+            {
+                "task.objective": "span_corruption",
+                "model.family": "encoder_decoder",
+                "data.source": "python_stdlib",
+            },
+            "set --config.data.tokenizer_sentinels=100",
+        ),
         (
             {"task.objective": "mlm", "model.family": "encoder", "data.source": "python_stdlib"},
             "set --config.data.tokenizer_mask=True",

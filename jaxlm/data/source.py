@@ -41,6 +41,11 @@ class DataSource:
     text: TextData | None = None  # the caches behind the batches (None for synthetic data)
     mask_id: int | None = None  # the <mask> piece (masked LM); None: the tokenizer has none
     special_ids: tuple[int, ...] = ()  # ids masking and random replacement never touch
+    tokenizer: object | None = None  # the run's Tokenizer (None for synthetic data)
+    # Example tasks (seq2seq, classify): (max_examples (0: all)) -> validation examples in
+    # order, each {"input_ids": np.ndarray, "input": str, "reference": str or "label": int}.
+    eval_examples: Callable[[int], list[dict]] | None = None
+    sentinel_ids: tuple[int, ...] = ()  # <extra_id_0>, <extra_id_1>, ... (span corruption)
 
 
 def cache_dir(config) -> Path:
