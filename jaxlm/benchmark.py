@@ -157,7 +157,7 @@ def memory_report(config, devices=None) -> dict:
     # This process's rows (host numpy): only their dtypes and the global shape are used.
     rows = s.data.train_batch(0)
     batch = {}
-    for k in train.BATCH_KEYS:
+    for k in rows:
         x = np.asarray(rows[k])
         shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
         batch[k] = jax.ShapeDtypeStruct(shape, x.dtype, sharding=s.batch_sharding)

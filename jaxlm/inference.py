@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlm import config as config_lib
-from jaxlm import monitor, sharding, train
+from jaxlm import monitor, seq2seq_eval, sharding, train
 from jaxlm.checkpoint import Checkpointer, CheckpointError
 from jaxlm.generate import SamplingSettings, make_generate
 
@@ -57,14 +57,35 @@ def evaluate_run(
     max_batches: int | None = None,
     overrides: Sequence[str] = (),
     devices=None,
+    decode: bool = True,
+    beam_size: int = 1,
+    length_penalty: float = 0.6,
+    max_decode_examples: int = 0,
 ) -> dict:
     """The objective's metrics of a checkpoint on the configured validation data.
 
-    lm: loss, perplexity and bits per byte; mlm: loss, perplexity and accuracy on masked tokens.
+    lm: loss, perplexity and bits per byte; mlm: loss, perplexity and accuracy on masked tokens;
+    classify: loss, accuracy and macro F1; seq2seq: teacher-forced token loss, perplexity and
+    accuracy, then (with `decode`) the validation inputs decoded up to data.target_len tokens,
+    greedily (beam_size 1) or by beam search with GNMT `length_penalty`, scored against the
+    references: bleu and chrf (sacrebleu, 0-100), exact_match (a fraction), decoded_examples,
+    beam_size and length_penalty. The first examples' (input, reference, hypothesis) go to
+    WORKDIR/eval_samples.jsonl.
 
     `max_batches` None takes the run's train.eval_steps (what the loop evaluated); 0 is all.
-    Config overrides may point the data at another source.
+    `max_decode_examples` 0 decodes the examples those batches hold (max_batches *
+    data.batch_size; all when max_batches is 0). Config overrides may point the data at
+    another source.
     """
+    if max_batches is not None and max_batches < 0:
+        raise ValueError(f"--max_batches must be >= 0 (0 is all), got {max_batches}")
+    if max_decode_examples < 0:
+        raise ValueError(
+            f"--max_decode_examples must be >= 0 (0: what the eval batches hold), got "
+            f"{max_decode_examples}"
+        )
+    # Checked before any loading, so a bad flag fails in a second, not after the restore.
+    seq2seq_eval.DecodeSettings(beam_size=beam_size, length_penalty=length_penalty).check()
     config = config_lib.load_run_config(workdir, overrides)
     s = train.setup(config, workdir, devices)
     ckpt, step = checkpoint_step(config, workdir, step)
@@ -75,6 +96,19 @@ def evaluate_run(
             metrics = train.run_eval(s, train.make_eval_step(s), params, max_batches)
     finally:
         ckpt.close()
+    if decode and config.task.objective == "seq2seq":
+        num_batches = config.train.eval_steps if max_batches is None else max_batches
+        metrics.update(
+            seq2seq_eval.evaluate_generation(
+                s,
+                params,
+                num_examples=max_decode_examples or num_batches * config.data.batch_size,
+                num_batches=num_batches,
+                beam_size=beam_size,
+                length_penalty=length_penalty,
+                samples_path=str(epath.Path(workdir) / seq2seq_eval.SAMPLES_FILE),
+            )
+        )
     return {**metrics, "step": step}
 
 

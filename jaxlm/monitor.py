@@ -74,9 +74,15 @@ def progress_line(step: int, total: int, record: dict, eta_s: float | None) -> s
 
 
 def eval_line(step: int, metrics: dict) -> str:
-    text = f"eval @ {step}: loss {metrics['loss']:.4f} | ppl {metrics['perplexity']:.2f}"
-    if "bits_per_byte" in metrics:
-        text += f" | bits/byte {metrics['bits_per_byte']:.4f}"
-    if "accuracy" in metrics:
-        text += f" | accuracy {metrics['accuracy']:.4f}"
-    return text + f" | {int(metrics['tokens'])} tokens"
+    """One console line of whatever the objective reports (see tasks.py)."""
+    parts = [f"eval @ {step}: loss {metrics['loss']:.4f}"]
+    formats = {
+        "perplexity": "ppl {:.2f}",
+        "bits_per_byte": "bits/byte {:.4f}",
+        "accuracy": "accuracy {:.4f}",
+        "macro_f1": "macro F1 {:.4f}",
+        "tokens": "{:.0f} tokens",
+        "examples": "{:.0f} examples",
+    }
+    parts += [fmt.format(metrics[key]) for key, fmt in formats.items() if key in metrics]
+    return " | ".join(parts)

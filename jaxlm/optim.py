@@ -1,4 +1,9 @@
-"""The Optax chain from config: warmup + decay schedule, global-norm clipping, masked AdamW."""
+"""The Optax chain from config: warmup + decay schedule, global-norm clipping, masked AdamW.
+
+Frozen parameters (train.freeze, see jaxlm/finetune.py) are routed around the whole chain: they
+get zero updates, no Adam moments are allocated for them, and their gradients count neither in
+the clipping norm nor in weight decay.
+"""
 
 from __future__ import annotations
 
@@ -42,9 +47,12 @@ def weight_decay_mask(params, optim):
 
 
 def make_optimizer(
-    optim, total_steps: int, params
+    optim, total_steps: int, abstract_params, frozen=None
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with the config's schedule, clipping and decay mask; returns (tx, schedule)."""
+    """AdamW with the config's schedule, clipping and decay mask; returns (tx, schedule).
+
+    `frozen`: a tree of bools like the parameters (finetune.freeze_mask); True leaves never move.
+    """
     schedule = learning_rate_schedule(optim, total_steps)
     parts = []
     if optim.clip_norm > 0:
@@ -56,7 +64,14 @@ def make_optimizer(
             b2=optim.b2,
             eps=optim.eps,
             weight_decay=optim.weight_decay,
-            mask=weight_decay_mask(params, optim),
+            mask=weight_decay_mask(abstract_params, optim),
         )
     )
-    return optax.chain(*parts), schedule
+    tx = optax.chain(*parts)
+    if frozen is not None and any(jax.tree.leaves(frozen)):
+        # Partitioning (not zeroing gradients around the chain) keeps frozen parameters out of
+        # the optimizer state altogether: their moments are MaskedNodes, which have no leaves,
+        # so the state is smaller and state_shardings/checkpoints see only trained parameters.
+        # Nothing frozen keeps the plain chain, so its state layout matches older checkpoints.
+        tx = optax.transforms.selective_transform(tx, freeze_mask=frozen)
+    return tx, schedule

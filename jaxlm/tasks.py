@@ -10,6 +10,11 @@ lm:  next-token prediction on the batches as the data layer builds them (decoder
 mlm: BERT masking of the batch's inputs, on device: in training the key comes from
      (seed, step), in evaluation from the eval batch index, so a resumed run and the eval
      program mask exactly what the uninterrupted loop masked (encoder family).
+seq2seq, span_corruption: teacher-forced targets given the encoder inputs (encoder_decoder
+     family); the batches differ (labelled pairs, or T5-corrupted text from jaxlm/data/spans.py),
+     the objective is one. The decoder starts from DECODER_START_ID, as in T5.
+classify: cross-entropy of the pooled class logits (encoder: first token or mean; decoder: last
+     real token), optionally class-weighted; "tokens" holds the summed example weights.
 """
 
 from __future__ import annotations
@@ -35,10 +40,19 @@ class Objective:
     finish: Callable[[dict], dict]
 
 
+# The decoder's first input (T5 uses the padding id); generate.py starts from the same id.
+DECODER_START_ID = 0
+
+
 def make_objective(config, data: DataSource) -> Objective:
     """The objective `task.objective` names, bound to the data's ids and packing."""
-    if config.task.objective == "mlm":
+    objective = config.task.objective
+    if objective == "mlm":
         return _masked_lm(config.task, data)
+    if objective in ("seq2seq", "span_corruption"):
+        return _seq2seq(objective)
+    if objective == "classify":
+        return _classify(config.task.class_weights or None)
     return _causal_lm(data.packed)
 
 
@@ -86,3 +100,43 @@ def _masked_lm(task, data: DataSource) -> Objective:
         return masked_sums(model, batch, key, None)
 
     return Objective("mlm", loss_sums, eval_sums, objectives.finish_tokens)
+
+
+def _seq2seq(name: str) -> Objective:
+    def sums(model, batch, dropout_key):
+        # Rows hold one example each, right-padded: the causal decoder never sees its padding,
+        # and only the encoder's padding needs masking (cross- and encoder self-attention).
+        decoder_inputs = objectives.shift_right(batch["targets"], DECODER_START_ID)
+        logits = model(
+            batch["inputs"],
+            decoder_inputs,
+            encoder_segment_ids_BS=batch["input_segment_ids"],
+            dropout_key=dropout_key,
+        )
+        return objectives.token_sums(logits, batch["targets"], batch["loss_mask"])
+
+    def eval_sums(model, batch, key):
+        del key  # nothing random in teacher-forced evaluation
+        return sums(model, batch, None)
+
+    return Objective(name, sums, eval_sums, objectives.finish_tokens)
+
+
+def _classify(class_weights) -> Objective:
+    def sums(model, batch, dropout_key):
+        logits = model.classify(
+            batch["inputs"], segment_ids_BT=batch["segment_ids"], dropout_key=dropout_key
+        )
+        out = objectives.classification_sums(
+            logits,
+            batch["labels"],
+            class_weights_C=class_weights,
+            example_mask_B=batch["example_mask"],
+        )
+        return {**out, "tokens": out["weight"]}  # the training step divides by "tokens"
+
+    def eval_sums(model, batch, key):
+        del key
+        return sums(model, batch, None)
+
+    return Objective("classify", sums, eval_sums, objectives.finish_classification)

@@ -181,17 +181,14 @@ def make_train_step(s: Setup):
         }
         return new_state, metrics
 
-    batch_sh = {k: s.batch_sharding for k in BATCH_KEYS}
     replicated = NamedSharding(s.mesh, PartitionSpec())
     return jax.jit(
         train_step,
-        in_shardings=(s.state_shardings, batch_sh),
+        # One sharding for every batch array (a pytree prefix): rows split over the batch axes.
+        in_shardings=(s.state_shardings, s.batch_sharding),
         out_shardings=(s.state_shardings, replicated),
         donate_argnums=(0,),
     )
-
-
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "target_bytes")
 
 
 def make_eval_step(s: Setup):
@@ -203,11 +200,10 @@ def make_eval_step(s: Setup):
         key = jax.random.fold_in(base_key, index)
         return eval_sums(nnx.merge(graphdef, params), batch, key)
 
-    batch_sh = {k: s.batch_sharding for k in BATCH_KEYS}
     replicated = NamedSharding(s.mesh, PartitionSpec())
     return jax.jit(
         eval_step,
-        in_shardings=(s.state_shardings["params"], batch_sh, replicated),
+        in_shardings=(s.state_shardings["params"], s.batch_sharding, replicated),
         out_shardings=replicated,
     )
 
@@ -216,7 +212,7 @@ def to_device(batch: dict, batch_sh: NamedSharding) -> dict:
     """This process's rows of the global batch (DataSource.train_batch) -> global jax.Arrays."""
     n = jax.process_count()
     out = {}
-    for key in BATCH_KEYS:
+    for key in batch:
         x = np.asarray(batch[key])
         global_shape = (x.shape[0] * n, *x.shape[1:])
         out[key] = jax.make_array_from_process_local_data(batch_sh, x, global_shape)

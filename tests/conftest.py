@@ -28,7 +28,8 @@ from jaxlm.config import OBJECTIVE_FAMILY, base_config  # noqa: E402
 def tiny_config(source: str = "synthetic", objective: str = "lm"):
     """A small model derived from the base config; every dim divides a 2x2x2 mesh.
 
-    objective picks the model family it trains (lm: decoder, mlm: encoder).
+    objective picks the model family it trains (lm: decoder, mlm: encoder, classify: encoder,
+    seq2seq and span_corruption: encoder_decoder).
     """
     c = base_config()
     c.task.objective = objective
@@ -44,6 +45,9 @@ def tiny_config(source: str = "synthetic", objective: str = "lm"):
     c.data.source = source
     c.data.batch_size = 8
     c.data.seq_len = 16
+    c.data.target_len = 8
+    if objective == "classify":
+        c.model.num_classes = 3
     c.data.prefetch = 1
     c.optim.lr = 1e-2
     c.optim.warmup_steps = 2

@@ -23,7 +23,7 @@ def final_loss(workdir: Path) -> float:
     return [r["train/loss"] for r in records if "train/loss" in r][-1]
 
 
-@pytest.mark.parametrize("objective", ["lm", "mlm"])
+@pytest.mark.parametrize("objective", ["lm", "mlm", "span_corruption", "classify"])
 def test_resume_equals_uninterrupted(tmp_path, objective):
     c = tiny_config(objective=objective)
     c.model.dropout = 0.1  # dropout (and mlm masking) keys must also continue exactly

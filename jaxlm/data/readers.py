@@ -255,7 +255,8 @@ def _file_part(path: str, split: str, opts: ReadOptions) -> str:
     return text[:cut] if split == "train" else text[cut:]
 
 
-def _tfds_builder(name: str, opts: ReadOptions):
+def tfds_builder(name: str, opts: ReadOptions):
+    """The TFDS builder of `name`; our own datasets are prepared locally on first use."""
     import tensorflow_datasets as tfds  # Lazy: only TFDS sources need TensorFlow.
 
     data_dir = opts.tfds_data_dir or None
@@ -264,9 +265,13 @@ def _tfds_builder(name: str, opts: ReadOptions):
             f"data.tfds_data_dir {data_dir} does not exist; point it at the directory where "
             "`tfds build` prepared the dataset (local or gs://)"
         )
-    own = name.split("/")[0].split(":")[0] == "python_stdlib"
-    if own:
+    # Our own datasets, generated from local files: import the module that registers them.
+    base = name.split("/")[0].split(":")[0]
+    own = base in ("python_stdlib", "code_docstring", "stdlib_package")
+    if base == "python_stdlib":
         from jaxlm.data import stdlib_builder  # noqa: F401  (registers the builder)
+    elif own:
+        from jaxlm.data import task_builders  # noqa: F401  (registers both task builders)
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
@@ -285,7 +290,7 @@ def _tfds_builder(name: str, opts: ReadOptions):
 def _tfds_documents(name: str, split: str, opts: ReadOptions) -> Iterator[str]:
     import tensorflow as tf
 
-    builder = _tfds_builder(name, opts)
+    builder = tfds_builder(name, opts)
     features = builder.info.features
     if opts.text_key not in features:
         raise DataError(

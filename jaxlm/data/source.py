@@ -3,8 +3,9 @@
 `make_source(config, workdir)` is the one entry point the trainer uses. Every text source is
 tokenized once into the pre-tokenized cache (jaxlm/data/cache.py) and training reads that cache
 with numpy random access, so TensorFlow is needed only while a cache is being built. Batches
-are numpy dicts with the keys of `pipeline.BATCH_KEYS`; `train_batch(step)` returns this
-process's rows of the global batch at `step`, a pure function of (seed, step, data config).
+are numpy dicts (LM: the keys of `pipeline.BATCH_KEYS`; other objectives: their own);
+`train_batch(step)` returns this process's rows of the global batch at `step`, a pure function
+of (seed, step, data config).
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ import jax
 import numpy as np
 
 from jaxlm import monitor
-from jaxlm.data import cache, pipeline, prepare, readers, storage, tokenizer
+from jaxlm.config import EXAMPLE_OBJECTIVES
+from jaxlm.data import cache, pipeline, prepare, readers, spans, storage, tokenizer
 from jaxlm.data.clean import CleanConfig
 from jaxlm.data.readers import DataError, ReadOptions, SourceSpec
-
-EVAL_STEP_OFFSET = 2**40
 
 
 @dataclasses.dataclass
@@ -63,33 +63,91 @@ def make_source(
 ) -> DataSource:
     specs = readers.parse_sources(config.data.source)
     if specs[0].kind == "synthetic":
-        return _synthetic(config)
+        from jaxlm.data import synthetic  # builds on DataSource, defined here
+
+        return synthetic.make_source(config)
     workdir = Path(workdir)
+    objective = config.task.objective
     tok = load_tokenizer(config, workdir, specs, log)
-    text = TextData(config, tok, specs, log)
+    if objective in EXAMPLE_OBJECTIVES:
+        from jaxlm.data import examples  # TFDS/JSONL examples, not documents
+
+        data, described = examples.make_example_source(config, tok, log)
+    elif objective == "span_corruption":
+        t = config.task
+        raw = spans.raw_length(
+            config.data.seq_len, config.data.target_len, t.noise_density, t.mean_span_length
+        )
+        text = TextData(config, tok, specs, log, row_len=raw - 1)
+        data, described = _span_corruption(config, text, raw), text.describe()
+    else:
+        text = TextData(config, tok, specs, log)
+        data, described = text.source(), text.describe()
     if _process(None, None)[0] == 0:
-        (workdir / "data.json").write_text(json.dumps(text.describe(), indent=2) + "\n")
-    return text.source()
+        (workdir / "data.json").write_text(json.dumps(described, indent=2) + "\n")
+    return data
 
 
-def _synthetic(config) -> DataSource:
-    d, seed = config.data, config.train.seed
-    vocab = config.model.vocab_size or d.tokenizer_vocab_size
-    # Masked LM reserves the last id as <mask>: the chain never emits it.
-    mask_id = vocab - 1 if config.task.objective == "mlm" else None
-    chain_vocab = vocab if mask_id is None else mask_id
+def _span_corruption(config, text: TextData, raw_len: int) -> DataSource:
+    """T5 span-corruption batches from the document rows (jaxlm/data/spans.py)."""
+    tok, t, d, seed = text.tok, config.task, config.data, config.train.seed
+    sentinel_ids = sentinels_of(tok)
+    spans.check_sentinels(raw_len, t.noise_density, t.mean_span_length, len(sentinel_ids))
 
-    def batch(step: int, process_index=None, process_count=None) -> dict:
-        share = pipeline.process_share(d.batch_size, *_process(process_index, process_count))
-        out = pipeline.synthetic_batch(step, d.batch_size, d.seq_len, chain_vocab, seed)
-        out["target_bytes"] = np.zeros_like(out["target_bytes"])  # no text: no bits per byte
-        return {k: v[share] for k, v in out.items()}
+    def corrupt(rows_read, seeds):
+        return spans.corrupt_rows(
+            rows_read["tokens"][:, :raw_len],
+            rows_read["segment_ids"][:, :raw_len],
+            seeds,
+            sentinel_ids=sentinel_ids,
+            eos_id=tok.eos_id,
+            seq_len=d.seq_len,
+            target_len=d.target_len,
+            noise_density=t.noise_density,
+            mean_span=t.mean_span_length,
+        )
 
-    def eval_batches(n: int, process_index=None, process_count=None) -> list[dict]:
-        # Same chain, steps no run reaches: validation batches never appear in training.
-        return [batch(EVAL_STEP_OFFSET + i, process_index, process_count) for i in range(n or 4)]
+    def train_batch(step: int, process_index=None, process_count=None) -> dict:
+        rows_read, index = text.train_rows(step, process_index, process_count)
+        return corrupt(rows_read, [(seed, step, int(i)) for i in index])
 
-    return DataSource(vocab, batch, eval_batches, packed=False, mask_id=mask_id)
+    def eval_batches(max_batches: int, process_index=None, process_count=None) -> list[dict]:
+        out = []
+        for b, (rows_read, real) in enumerate(
+            text.eval_rows(max_batches, process_index, process_count)
+        ):
+            # Seeded by the batch and the row's place in it: each process corrupts its own.
+            first = pipeline.process_share(d.batch_size, *_process(process_index, process_count))
+            seeds = [(seed, spans.EVAL_SALT, b, first.start + i) for i in range(len(real))]
+            batch = corrupt(rows_read, seeds)
+            batch["loss_mask"] = batch["loss_mask"] * real[:, None]
+            out.append(batch)
+        return out
+
+    return DataSource(
+        tok.vocab_size,
+        train_batch,
+        eval_batches,
+        tok.sha256,
+        packed=False,
+        text=text,
+        special_ids=tok.special_ids,
+        tokenizer=tok,
+        sentinel_ids=sentinel_ids,
+    )
+
+
+def sentinels_of(tok) -> tuple[int, ...]:
+    """The tokenizer's <extra_id_0>, <extra_id_1>, ... ids, in order."""
+    out = []
+    while (i := tok.sentinel_id(len(out))) is not None:
+        out.append(i)
+    if not out:
+        raise DataError(
+            f"tokenizer {tok.path} has no <extra_id_N> pieces for span corruption; set "
+            "data.tokenizer_sentinels=100 to train one that has them"
+        )
+    return tuple(out)
 
 
 # --- tokenizer ------------------------------------------------------------------------------
@@ -231,9 +289,14 @@ def ensure_cache(spec: SourceSpec, config, tok, log=monitor.console) -> tuple[Pa
 class TextData:
     """A mixture of cached sources cut into rows, with step-addressed batches per process."""
 
-    def __init__(self, config, tok, specs: list[SourceSpec], log=monitor.console) -> None:
+    def __init__(
+        self, config, tok, specs: list[SourceSpec], log=monitor.console, row_len: int = 0
+    ) -> None:
         d = config.data
         self.config, self.tok, self.specs = config, tok, specs
+        # Rows hold row_len + 1 tokens (inputs and shifted targets); span corruption asks for
+        # rows longer than data.seq_len, since corruption shortens them.
+        self.row_len = row_len or d.seq_len
         self.caches = [ensure_cache(spec, config, tok, log) for spec in specs]
         self.train = self._rows("train")
         self.valid = self._rows("validation")
@@ -250,7 +313,7 @@ class TextData:
                     f"{directory} has no {split} split; "
                     f"re-run `jaxlm-data prepare --out {directory}`"
                 )
-            rows = cache.Rows(cache.TokenSplit(local, manifest, split), d.seq_len, d.pack)
+            rows = cache.Rows(cache.TokenSplit(local, manifest, split), self.row_len, d.pack)
             if rows.num_rows == 0:
                 raise DataError(
                     f"{spec.name} {split} split has too little text for one row; add text or "
@@ -260,10 +323,10 @@ class TextData:
         return out
 
     def read(self, rows_of: list[cache.Rows], sources: np.ndarray, rows: np.ndarray) -> dict:
-        """Rows of seq_len + 1 tokens from the given sources (see cache.Rows.read)."""
+        """Rows of row_len + 1 tokens from the given sources (see cache.Rows.read)."""
         if len(rows_of) == 1:
             return rows_of[0].read(rows)
-        width = self.config.data.seq_len + 1
+        width = self.row_len + 1
         out = {k: np.zeros((len(rows), width), np.int32) for k in cache.ROW_KEYS}
         for m in np.unique(sources):
             at = sources == m
@@ -271,28 +334,37 @@ class TextData:
                 out[k][at] = v
         return out
 
-    def train_batch(self, step: int, process_index=None, process_count=None) -> dict:
+    def train_rows(self, step: int, process_index=None, process_count=None) -> tuple:
+        """(this process's rows read, their indices in the global batch) at `step`."""
         sources, rows = self.sampler.rows_for_step(step)
         share = pipeline.process_share(len(rows), *_process(process_index, process_count))
-        rows_read = self.read(self.train, sources[share], rows[share])
+        return self.read(self.train, sources[share], rows[share]), np.arange(len(rows))[share]
+
+    def train_batch(self, step: int, process_index=None, process_count=None) -> dict:
+        rows_read, _ = self.train_rows(step, process_index, process_count)
         return pipeline.make_batch(rows_read, self.tok.byte_lengths)
 
-    def eval_batches(self, max_batches: int, process_index=None, process_count=None) -> list:
-        """The validation rows in order, in full batches; the last is padded with rows that
-        count nothing."""
+    def eval_rows(self, max_batches: int, process_index=None, process_count=None):
+        """Per validation batch (in order): (this process's rows read, which are real); the
+        last batch is filled up with repeated rows that must count nothing."""
         size = self.config.data.batch_size
         sources, rows = pipeline.eval_rows(
             [r.num_rows for r in self.valid], self.weights, size, max_batches
         )
         share = pipeline.process_share(size, *_process(process_index, process_count))
-        out = []
         for start in range(0, len(rows), size):
             real = np.arange(start, start + size) < len(rows)
             src = np.where(real, np.resize(sources[start : start + size], size), 0)[share]
             row = np.where(real, np.resize(rows[start : start + size], size), 0)[share]
-            batch = pipeline.make_batch(self.read(self.valid, src, row), self.tok.byte_lengths)
+            yield self.read(self.valid, src, row), real[share]
+
+    def eval_batches(self, max_batches: int, process_index=None, process_count=None) -> list:
+        """The validation rows in order, in full batches; fill rows count nothing."""
+        out = []
+        for rows_read, real in self.eval_rows(max_batches, process_index, process_count):
+            batch = pipeline.make_batch(rows_read, self.tok.byte_lengths)
             for key in ("loss_mask", "target_bytes", "segment_ids"):  # fill rows are padding
-                batch[key] = batch[key] * real[share, None]
+                batch[key] = batch[key] * real[:, None]
             out.append(batch)
         return out
 
@@ -341,4 +413,5 @@ class TextData:
             text=self,
             mask_id=self.tok.mask_id,
             special_ids=self.tok.special_ids,
+            tokenizer=self.tok,
         )

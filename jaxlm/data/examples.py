@@ -1,0 +1,699 @@
+"""Labelled-example tasks (seq2seq pairs, classification): one example per row, not documents.
+
+`make_example_source(config, tok)` reads one `tfds:NAME` or `jsonl:GLOB` source whose examples
+hold data.input_key and data.target_key (seq2seq) or data.label_key (classify), cleans the
+texts, tokenizes them once into a cache and serves step-addressed numpy batches from it.
+
+Cleaning applies the configured normalization and control/whitespace stripping to every text
+but never drops a validation example (a benchmark's example count must not change): the
+document filters data.min_doc_chars, data.max_doc_chars and data.dedup do not apply. A
+training example whose input (or seq2seq target) is empty after cleaning is dropped and
+counted in the manifest. Examples of JSONL files without `{split}` in the glob go to
+validation when a hash of their raw input falls in data.eval_fraction, so equal inputs always
+share a split.
+
+The cache, `source.cache_dir(config)/examples/<slug>-<hash>/`, is keyed by the source, the read
+options, the keys, the cleaning settings and the tokenizer (not by seq_len or target_len:
+truncation happens at batch time), and holds per split
+
+    {split}.inputs.tokens.npy    uint16 (vocabularies up to 65536) or int32: all input ids
+    {split}.inputs.offsets.npy   int64 [n + 1]: example i is tokens[offsets[i]:offsets[i + 1]]
+    {split}.targets.*.npy        the same for seq2seq targets
+    {split}.labels.npy           int64 [n]: classification labels (as read: checked at load)
+    validation.texts.jsonl       the cleaned validation texts {"input", "target"} (for BLEU)
+    manifest.json                written last: a directory without one is rebuilt
+
+Ids are stored without EOS; a batch row is the ids cut to the row length minus one, then EOS,
+then padding (id 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import itertools
+import json
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from jaxlm import monitor
+from jaxlm.data import pipeline, readers, source, storage
+from jaxlm.data.clean import CleanConfig, Cleaner
+from jaxlm.data.readers import DataError, ReadOptions, SourceSpec
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+TEXTS = "validation.texts.jsonl"
+SPLITS = readers.SPLITS  # ("train", "validation")
+KINDS = ("tfds", "jsonl")
+_CHUNK_CHARS = 2_000_000  # examples are tokenized in chunks of about this many characters
+_TFDS_BATCH = 1024  # TFDS examples are read in batches of this many (per-element is slow)
+_LOG_EVERY_S = 30.0  # seconds between progress lines while a cache is built
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fields:
+    """Which feature/field holds what: the input text and the target text or the label."""
+
+    objective: str  # seq2seq or classify
+    input: str
+    other: str  # target_key (seq2seq) or label_key (classify)
+
+    @classmethod
+    def from_config(cls, config) -> Fields:
+        d, objective = config.data, config.task.objective
+        if objective not in ("seq2seq", "classify"):
+            raise ValueError(f"task.objective={objective} does not read labelled examples")
+        other = d.target_key if objective == "seq2seq" else d.label_key
+        return cls(objective, d.input_key, other)
+
+    @property
+    def seq2seq(self) -> bool:
+        return self.objective == "seq2seq"
+
+    @property
+    def other_config_key(self) -> str:
+        return "target_key" if self.seq2seq else "label_key"
+
+    def config_key(self, name: str) -> str:
+        return "input_key" if name == self.input else self.other_config_key
+
+
+# --- reading --------------------------------------------------------------------------------
+
+
+def _one_source(config, specs: list[SourceSpec]) -> SourceSpec:
+    objective = config.task.objective
+    if len(specs) != 1:
+        names = ", ".join(s.name for s in specs)
+        raise DataError(
+            f"task.objective={objective} reads one source of examples, not a mixture of "
+            f"{len(specs)} ({names}); set data.source to a single tfds:NAME or jsonl:GLOB"
+        )
+    spec = specs[0]
+    if spec.kind not in KINDS:
+        raise DataError(
+            f"task.objective={objective} reads labelled examples from tfds:NAME or jsonl:GLOB, "
+            f"not {spec.name}; point data.source at one of those"
+        )
+    return spec
+
+
+def _records(
+    spec: SourceSpec, split: str, opts: ReadOptions, fields: Fields, num_classes: int = 0
+) -> Iterator[tuple[str, str | int]]:
+    """(raw input text, raw target text or int label) of the split's examples, in order."""
+    if spec.kind == "tfds":
+        return _tfds_records(spec.arg, split, opts, fields, num_classes)
+    return _jsonl_records(spec.arg, split, opts, fields)
+
+
+def _tfds_records(
+    name: str, split: str, opts: ReadOptions, fields: Fields, num_classes: int
+) -> Iterator[tuple[str, str | int]]:
+    import tensorflow as tf  # Lazy: only TFDS sources need TensorFlow.
+
+    builder = readers.tfds_builder(name, opts)
+    features = builder.info.features
+    for key in (fields.input, fields.other):
+        if key not in features:
+            raise DataError(
+                f"TFDS dataset {name} has no feature {key!r} (it has "
+                f"{sorted(features.keys())}); set data.{fields.config_key(key)}"
+            )
+    label = features[fields.other] if not fields.seq2seq else None
+    classes = getattr(label, "num_classes", None)
+    if classes and num_classes and classes > num_classes:  # found before tokenizing anything
+        raise DataError(
+            f"TFDS {name} feature {fields.other!r} has {classes} classes but "
+            f"model.num_classes={num_classes}; set --config.model.num_classes={classes}"
+        )
+    split_name = opts.split_name(split)
+    try:
+        ds = builder.as_dataset(split=split_name, shuffle_files=False)
+    except AssertionError:
+        raise DataError(
+            f"TFDS dataset {name} is not prepared in {builder.data_dir}; run `tfds build {name} "
+            "--data_dir DIR` and set data.tfds_data_dir=DIR (training never downloads)"
+        ) from None
+    except ValueError as e:  # unknown split
+        first = str(e).strip().splitlines()[0][:200]
+        key = "train_split" if split == "train" else "eval_split"
+        raise DataError(
+            f"TFDS dataset {name}: {first} Set data.{key} (TFDS syntax, e.g. train[:1%])"
+        ) from None
+    keys = (fields.input, fields.other)
+    ds = ds.map(lambda ex: tuple(ex[k] for k in keys), num_parallel_calls=tf.data.AUTOTUNE)
+    where = f"TFDS {name} split {split_name}"
+    for inputs, others in ds.batch(_TFDS_BATCH).prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
+        if inputs.dtype.kind not in "OS" or (fields.seq2seq and others.dtype.kind not in "OS"):
+            bad = fields.input if inputs.dtype.kind not in "OS" else fields.other
+            raise DataError(
+                f"{where}: feature {bad!r} is not text; set data.{fields.config_key(bad)} to a "
+                "text feature"
+            )
+        if not fields.seq2seq and others.dtype.kind not in "iu":
+            raise DataError(
+                f"{where}: feature {fields.other!r} is not an integer class label; set "
+                "data.label_key to one"
+            )
+        texts = [readers.decode(x, where, opts.decode_errors) for x in inputs]
+        if fields.seq2seq:
+            targets = [readers.decode(x, where, opts.decode_errors) for x in others]
+            yield from zip(texts, targets, strict=True)
+        else:
+            yield from zip(texts, others.tolist(), strict=True)
+
+
+def _jsonl_records(
+    pattern: str, split: str, opts: ReadOptions, fields: Fields
+) -> Iterator[tuple[str, str | int]]:
+    files, by_name = readers._files("jsonl", pattern, split, opts)
+    for path in files:
+        with storage.open_binary(path) as raw:
+            lines = gzip.open(raw) if path.endswith(".gz") else raw
+            seen = False
+            for lineno, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                seen = True
+                where = f"{path}:{lineno}"
+                obj = _json_object(readers.decode(line, where, opts.decode_errors), where)
+                text = _text_field(obj, fields.input, "input_key", where, opts)
+                if fields.seq2seq:
+                    other = _text_field(obj, fields.other, "target_key", where, opts)
+                else:
+                    other = _label_field(obj, fields.other, where)
+                if by_name or readers.in_split(text, split, opts.eval_fraction):
+                    yield text, other
+            if not seen:
+                raise DataError(f"{path} is empty; remove it or narrow the pattern {pattern!r}")
+
+
+def _json_object(line: str, where: str) -> dict:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"{where} is not a JSON object ({e.msg}); JSONL needs one per line"
+        ) from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where} is a JSON {type(obj).__name__}, not an object; JSONL needs one")
+    return obj
+
+
+def _field(obj: dict, key: str, config_key: str, where: str):
+    if key not in obj:
+        raise DataError(
+            f"{where} has no field {key!r} (it has {sorted(obj)[:8]}); set data.{config_key} "
+            "to the field that holds it"
+        )
+    return obj[key]
+
+
+def _text_field(obj: dict, key: str, config_key: str, where: str, opts: ReadOptions) -> str:
+    text = _field(obj, key, config_key, where)
+    if not isinstance(text, str):
+        raise DataError(
+            f"{where}: field {key!r} is {type(text).__name__}, not a string; set "
+            f"data.{config_key} to a text field"
+        )
+    if _SURROGATES.search(text):  # JSON escapes can encode lone surrogates, which are not text
+        if opts.decode_errors != "replace":
+            raise DataError(
+                f"{where}: field {key!r} holds a lone UTF-16 surrogate; fix the file or set "
+                "data.decode_errors=replace"
+            )
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text
+
+
+def _label_field(obj: dict, key: str, where: str) -> int:
+    label = _field(obj, key, "label_key", where)
+    if not isinstance(label, int) or isinstance(label, bool):
+        raise DataError(
+            f"{where}: field {key!r} is {label!r}, not an integer class id; write labels as "
+            "0 .. model.num_classes - 1"
+        )
+    return label
+
+
+def _text_cleaner(clean_cfg: CleanConfig) -> Callable[[str], str]:
+    """The configured text cleaning without the document filters (empty stays empty)."""
+    cleaner = Cleaner(dataclasses.replace(clean_cfg, min_chars=0, max_chars=0, dedup=False))
+    return lambda text: cleaner(text) or ""
+
+
+def _clean_identity(clean_cfg: CleanConfig) -> dict:
+    """The cleaning settings that change example texts (the document filters do not apply)."""
+    return {
+        "normalize": clean_cfg.normalize,
+        "strip_control": clean_cfg.strip_control,
+        "strip_whitespace": clean_cfg.strip_whitespace,
+    }
+
+
+def _read_identity(spec: SourceSpec, opts: ReadOptions) -> dict:
+    out = opts.identity(spec)
+    out.pop("text_key", None)  # examples are read by data.input_key and friends
+    return out
+
+
+def example_texts(config, specs: list[SourceSpec]) -> Iterator[str]:
+    """Cleaned input and target texts of the train split, example by example (non-empty only):
+    what a tokenizer for the task is trained on when data.tokenizer is empty."""
+    spec, fields = _one_source(config, specs), Fields.from_config(config)
+    opts, clean = (
+        ReadOptions.from_config(config.data),
+        _text_cleaner(CleanConfig.from_config(config.data)),
+    )
+    for text, other in _records(spec, "train", opts, fields):
+        for t in (text, other) if fields.seq2seq else (text,):
+            if t := clean(t):
+                yield t
+
+
+# --- the cache ------------------------------------------------------------------------------
+
+
+def cache_key(spec: SourceSpec, opts: ReadOptions, fields: Fields, clean_cfg, tok) -> str:
+    """Names an example cache by everything that decides its contents."""
+    what = {
+        "format": FORMAT,
+        "source": spec.name,
+        "read": _read_identity(spec, opts),
+        "fields": dataclasses.asdict(fields),
+        "clean": _clean_identity(clean_cfg),
+        "tokenizer": tok.sha256,
+    }
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{spec.slug}-{digest}"
+
+
+def read_manifest(directory: Path) -> dict | None:
+    """The cache's manifest, or None when it has none (never built, or interrupted)."""
+    path = directory / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError:
+        return None  # a torn write: rebuild
+    return manifest if manifest.get("format") == FORMAT else None
+
+
+def _chunks(
+    records: Iterable[tuple[str, str | int]],
+    clean: Callable[[str], str],
+    seq2seq: bool,
+    dropped: list[int] | None = None,
+) -> Iterator[tuple[list[str], list]]:
+    """Cleaned (inputs, targets or labels) in chunks of about _CHUNK_CHARS characters. With
+    `dropped` (a one-item counter), examples with an empty input or target are left out."""
+    inputs, others, size = [], [], 0
+    for text, other in records:
+        text = clean(text)
+        if seq2seq:
+            other = clean(other)
+        if dropped is not None and not (text and (other or not seq2seq)):
+            dropped[0] += 1
+            continue
+        inputs.append(text)
+        others.append(other)
+        size += len(text) + (len(other) if seq2seq else 0)
+        if size >= _CHUNK_CHARS:
+            yield inputs, others
+            inputs, others, size = [], [], 0
+    if inputs:
+        yield inputs, others
+
+
+def _encoded(chunks: Iterable[tuple[list[str], list]], tok, seq2seq: bool) -> Iterator[tuple]:
+    """(inputs, others, input ids, target ids or None) per chunk. SentencePiece encodes on all
+    cores without the GIL while this thread reads and cleans the next chunk."""
+
+    def encode(inputs: list[str], others: list) -> tuple:
+        return tok.encode_batch(inputs), tok.encode_batch(others) if seq2seq else None
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = None
+        for chunk in chunks:
+            job = (chunk, pool.submit(encode, *chunk))
+            if pending is not None:
+                yield *pending[0], *pending[1].result()
+            pending = job
+        if pending is not None:
+            yield *pending[0], *pending[1].result()
+
+
+class _RaggedWriter:
+    """Collects token lists of examples into one id array plus offsets."""
+
+    def __init__(self, dtype) -> None:
+        self.dtype, self.parts, self.lengths = dtype, [], []
+
+    def add(self, ids: list[list[int]]) -> int:
+        lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+        total = int(lengths.sum())
+        self.parts.append(np.fromiter(itertools.chain.from_iterable(ids), self.dtype, total))
+        self.lengths.append(lengths)
+        return total
+
+    def save(self, directory: Path, prefix: str) -> dict:
+        tokens = np.concatenate(self.parts) if self.parts else np.zeros(0, self.dtype)
+        lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        np.save(directory / f"{prefix}.tokens.npy", tokens)
+        np.save(directory / f"{prefix}.offsets.npy", offsets)
+        return {"tokens": int(tokens.shape[0]), "max_len": int(lengths.max(initial=0))}
+
+
+def _build_split(
+    spec, split, directory: Path, tok, opts, fields: Fields, clean_cfg, num_classes, log
+) -> dict:
+    """Read, clean and tokenize one split into the directory; its manifest entry."""
+    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.int32
+    inputs_out, targets_out = _RaggedWriter(dtype), _RaggedWriter(dtype)
+    labels, texts, dropped, kept = [], [], [0], 0
+    records = _records(spec, split, opts, fields, num_classes)
+    # Training drops examples that are empty after cleaning: they teach nothing. Validation
+    # keeps every example, so scores stay comparable with other work on the same split.
+    chunks = _chunks(
+        records, _text_cleaner(clean_cfg), fields.seq2seq, dropped if split == "train" else None
+    )
+    start = last_log = time.monotonic()
+    for inputs, others, input_ids, target_ids in _encoded(chunks, tok, fields.seq2seq):
+        inputs_out.add(input_ids)
+        if fields.seq2seq:
+            targets_out.add(target_ids)
+        else:
+            labels.extend(others)
+        if split == "validation":
+            texts.extend(
+                {"input": t, "target": o} if fields.seq2seq else {"input": t}
+                for t, o in zip(inputs, others, strict=True)
+            )
+        kept += len(inputs)
+        if (now := time.monotonic()) - last_log >= _LOG_EVERY_S:
+            log(f"  {spec.name} {split}: {kept:,} examples ({kept / (now - start):,.0f}/s)")
+            last_log = now
+    if kept == 0:
+        key = "train_split" if split == "train" else "eval_split"
+        raise DataError(
+            f"{spec.name} has no {split} examples ({dropped[0]} empty after cleaning); check "
+            f"data.source and data.{key}" + ("" if spec.kind == "tfds" else "/eval_fraction")
+        )
+    info: dict = {"examples": kept, "dropped_empty": dropped[0]}
+    info["inputs"] = inputs_out.save(directory, f"{split}.inputs")
+    if fields.seq2seq:
+        info["targets"] = targets_out.save(directory, f"{split}.targets")
+    else:
+        array = np.asarray(labels, np.int64)
+        np.save(directory / f"{split}.labels.npy", array)
+        values, counts = np.unique(array, return_counts=True)
+        info["labels"] = {str(v): int(c) for v, c in zip(values, counts, strict=True)}
+    if split == "validation":
+        lines = "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in texts)
+        (directory / TEXTS).write_text(lines, encoding="utf-8")
+    tokens = info["inputs"]["tokens"] + info.get("targets", {}).get("tokens", 0)
+    log(
+        f"{spec.name} {split}: {kept:,} examples ({dropped[0]:,} empty dropped), {tokens:,} "
+        f"tokens in {time.monotonic() - start:.1f}s"
+    )
+    return info
+
+
+def build_cache(config, tok, log: Callable[[str], None] = monitor.console) -> tuple[Path, dict]:
+    """(directory, manifest) of the configured task's example cache, building it if missing."""
+    d = config.data
+    spec = _one_source(config, readers.parse_sources(d.source))
+    fields, opts = Fields.from_config(config), ReadOptions.from_config(d)
+    clean_cfg = CleanConfig.from_config(d)
+    directory = (
+        source.cache_dir(config) / "examples" / cache_key(spec, opts, fields, clean_cfg, tok)
+    )
+    manifest = read_manifest(directory)
+    if manifest is not None:
+        return directory, manifest
+    if source._process(None, None)[1] > 1:
+        # Every host would tokenize the whole source at once, racing on one directory.
+        raise DataError(
+            f"no example cache of {spec.name} for this run in a multi-process job: run this "
+            f"config once with a single process to build {directory}, on a data.cache_dir "
+            "every host reads"
+        )
+    if tok.eos_id < 0:
+        raise DataError(f"tokenizer {tok.path} has no eos piece; train one with jaxlm-data")
+    log(f"tokenizing {spec.name} examples into {directory} (once; later runs read the cache)")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / MANIFEST).unlink(missing_ok=True)
+    manifest = {
+        "format": FORMAT,
+        "source": spec.name,
+        "read": _read_identity(spec, opts),
+        "fields": dataclasses.asdict(fields),
+        "cleaning": _clean_identity(clean_cfg),
+        "tokenizer_sha256": tok.sha256,
+        "vocab_size": tok.vocab_size,
+        "splits": {},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    classes = config.model.num_classes if not fields.seq2seq else 0
+    for split in SPLITS:
+        manifest["splits"][split] = _build_split(
+            spec, split, directory, tok, opts, fields, clean_cfg, classes, log
+        )
+    text = json.dumps(manifest, indent=2, sort_keys=True)
+    storage.write_bytes(directory / MANIFEST, text.encode())  # last: marks the cache complete
+    return directory, manifest
+
+
+# --- batches --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Ragged:
+    """Variable-length id sequences: example i is tokens[offsets[i]:offsets[i + 1]]."""
+
+    tokens: np.ndarray
+    offsets: np.ndarray
+
+    @classmethod
+    def load(cls, directory: Path, prefix: str) -> Ragged:
+        # A plain ndarray view of the memory map: np.memmap's indexing is slower.
+        tokens = np.asarray(np.load(directory / f"{prefix}.tokens.npy", mmap_mode="r"))
+        return cls(tokens, np.load(directory / f"{prefix}.offsets.npy"))
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def rows(self, index: np.ndarray, width: int, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, segment ids) int32 [len(index), width]: each example's ids cut to width - 1,
+        then EOS, then padding 0; segment id 1 on real tokens (EOS included), 0 on padding."""
+        index = np.asarray(index, np.int64)
+        start = self.offsets[index]
+        keep = np.minimum(self.offsets[index + 1] - start, width - 1)
+        col = np.arange(width, dtype=np.int64)
+        real = col < keep[:, None]
+        ids = np.zeros((index.shape[0], width), np.int32)
+        if self.tokens.shape[0]:
+            gathered = self.tokens[np.where(real, start[:, None] + col, 0)]
+            np.copyto(ids, gathered, where=real, casting="unsafe")
+        ids[np.arange(index.shape[0]), keep] = eos_id
+        return ids, (col <= keep[:, None]).astype(np.int32)
+
+
+@dataclasses.dataclass
+class ExampleSplit:
+    """One split of the cache, loaded: inputs, targets (seq2seq) or labels (classify)."""
+
+    inputs: Ragged
+    targets: Ragged | None
+    labels: np.ndarray | None
+
+    @property
+    def size(self) -> int:
+        return self.inputs.offsets.shape[0] - 1
+
+
+class ExampleData:
+    """The example cache of one task, with step-addressed batches for any process."""
+
+    def __init__(self, config, tok, log: Callable[[str], None] = monitor.console) -> None:
+        d = config.data
+        self.config, self.tok, self.fields = config, tok, Fields.from_config(config)
+        self.directory, self.manifest = build_cache(config, tok, log)
+        self.splits = {split: self._load(split) for split in SPLITS}
+        self.train, self.valid = self.splits["train"], self.splits["validation"]
+        self.sampler = pipeline.StepSampler(
+            [self.train.size], [1.0], d.batch_size, config.train.seed
+        )
+        self._texts: list[dict] | None = None
+
+    def _load(self, split: str) -> ExampleSplit:
+        s2s = self.fields.seq2seq
+        data = ExampleSplit(
+            Ragged.load(self.directory, f"{split}.inputs"),
+            Ragged.load(self.directory, f"{split}.targets") if s2s else None,
+            None if s2s else np.load(self.directory / f"{split}.labels.npy"),
+        )
+        if data.labels is not None:
+            classes = self.config.model.num_classes
+            bad = np.flatnonzero((data.labels < 0) | (data.labels >= classes))
+            if bad.size:
+                label = int(data.labels[bad[0]])
+                hint = (
+                    " (-1 marks unlabelled examples, e.g. GLUE test splits: use a labelled "
+                    "data.eval_split)"
+                    if label < 0
+                    else ""
+                )
+                raise DataError(
+                    f"{self.manifest['source']} {split} example {int(bad[0])} has label {label}, "
+                    f"outside 0..{classes - 1}; set --config.model.num_classes to the number of "
+                    f"labels{hint}"
+                )
+        return data
+
+    def batch(self, split: ExampleSplit, index: np.ndarray) -> dict[str, np.ndarray]:
+        """The model arrays of these examples, one per row."""
+        d, eos = self.config.data, self.tok.eos_id
+        inputs, input_seg = split.inputs.rows(index, d.seq_len, eos)
+        if self.fields.seq2seq:
+            targets, target_seg = split.targets.rows(index, d.target_len, eos)
+            return {
+                "inputs": inputs,
+                "input_segment_ids": input_seg,
+                "targets": targets,
+                "target_segment_ids": target_seg,
+                "loss_mask": target_seg.astype(np.float32),
+            }
+        return {
+            "inputs": inputs,
+            "segment_ids": input_seg,
+            "labels": split.labels[index].astype(np.int32),
+            "example_mask": np.ones(len(index), np.float32),
+        }
+
+    def train_batch(self, step: int, process_index=None, process_count=None) -> dict:
+        """This process's rows of the global batch at `step` (a keyed permutation per epoch)."""
+        _, rows = self.sampler.rows_for_step(step)
+        share = pipeline.process_share(len(rows), *source._process(process_index, process_count))
+        return self.batch(self.train, rows[share])
+
+    def eval_batches(self, max_batches: int, process_index=None, process_count=None) -> list:
+        """Validation examples in order in full batches (max_batches 0: all); the last batch is
+        filled with repeated real examples whose loss_mask / example_mask is 0."""
+        size = self.config.data.batch_size
+        total = self.valid.size
+        if max_batches > 0:
+            total = min(total, max_batches * size)
+        share = pipeline.process_share(size, *source._process(process_index, process_count))
+        out = []
+        for start in range(0, total, size):
+            index = np.resize(np.arange(start, min(start + size, total)), size)[share]
+            real = (np.arange(start, start + size) < total)[share]
+            batch = self.batch(self.valid, index)
+            if self.fields.seq2seq:
+                batch["loss_mask"] = batch["loss_mask"] * real[:, None]
+            else:
+                batch["example_mask"] = real.astype(np.float32)
+            out.append(batch)
+        return out
+
+    def texts(self) -> list[dict]:
+        """The cleaned validation texts, in order."""
+        if self._texts is None:
+            with open(self.directory / TEXTS, encoding="utf-8") as f:
+                self._texts = [json.loads(line) for line in f]
+        return self._texts
+
+    def eval_examples(self, max_examples: int) -> list[dict]:
+        """Validation examples in order (0: all): input ids as in the batches (EOS included),
+        the cleaned input text, and the reference text (seq2seq) or label (classify)."""
+        n = self.valid.size if max_examples <= 0 else min(max_examples, self.valid.size)
+        ids, seg = self.valid.inputs.rows(np.arange(n), self.config.data.seq_len, self.tok.eos_id)
+        lengths = seg.sum(axis=1)
+        out = []
+        for i, text in enumerate(self.texts()[:n]):
+            example = {"input_ids": ids[i, : lengths[i]].copy(), "input": text["input"]}
+            if self.fields.seq2seq:
+                example["reference"] = text["target"]
+            else:
+                example["label"] = int(self.valid.labels[i])
+            out.append(example)
+        return out
+
+    def describe(self) -> dict:
+        """What the run reads, for WORKDIR/data.json."""
+        d = self.config.data
+        splits = {}
+        for name, split in self.splits.items():
+            lengths = split.inputs.lengths
+            info = {
+                "examples": split.size,
+                "dropped_empty": self.manifest["splits"][name]["dropped_empty"],
+                "input_tokens": _length_stats(lengths),
+                # Inputs longer than seq_len - 1 ids lose their end (EOS takes the last slot).
+                "truncated_inputs": int((lengths > d.seq_len - 1).sum()),
+            }
+            if split.targets is not None:
+                lengths = split.targets.lengths
+                info["target_tokens"] = _length_stats(lengths)
+                info["truncated_targets"] = int((lengths > d.target_len - 1).sum())
+            else:
+                values, counts = np.unique(split.labels, return_counts=True)
+                info["labels"] = {str(v): int(c) for v, c in zip(values, counts, strict=True)}
+            splits[name] = info
+        return {
+            "tokenizer_sha256": self.tok.sha256,
+            "task": self.fields.objective,
+            "source": self.manifest["source"],
+            "fields": {"input": self.fields.input, self.fields.other_config_key: self.fields.other},
+            "cache": str(self.directory),
+            "cleaning": self.manifest["cleaning"],
+            "seq_len": d.seq_len,
+            **({"target_len": d.target_len} if self.fields.seq2seq else {}),
+            **splits,
+        }
+
+    def source(self) -> source.DataSource:
+        tok = self.tok
+        return source.DataSource(
+            vocab_size=tok.vocab_size,
+            train_batch=self.train_batch,
+            eval_batches=self.eval_batches,
+            tokenizer_sha256=tok.sha256,
+            packed=False,
+            tokenizer=tok,
+            eval_examples=self.eval_examples,
+            special_ids=tok.special_ids,
+        )
+
+
+def _length_stats(lengths: np.ndarray) -> dict:
+    if lengths.size == 0:
+        return {"mean": 0.0, "p50": 0, "p95": 0, "max": 0}
+    p50, p95 = np.percentile(lengths, [50, 95])
+    return {
+        "mean": round(float(lengths.mean()), 2),
+        "p50": int(p50),
+        "p95": int(p95),
+        "max": int(lengths.max()),
+    }
+
+
+def make_example_source(
+    config, tok, log: Callable[[str], None] = monitor.console
+) -> tuple[source.DataSource, dict]:
+    """(the DataSource of a seq2seq or classify task, its describe() dict for data.json)."""
+    data = ExampleData(config, tok, log)
+    return data.source(), data.describe()

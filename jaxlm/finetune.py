@@ -1,0 +1,217 @@
+"""Fine-tuning: start from a trained run's parameters (train.init_from), freeze some (train.freeze).
+
+`load_pretrained` matches parameters by path ('blocks/0/attn/query/kernel'): every parameter of
+this model that the pretrained run has with the same shape is taken from its checkpoint, the rest
+(new heads) keep their fresh initialization, and pretrained parameters this model lacks are
+dropped. So a decoder LM can start a decoder classifier and an encoder MLM an encoder
+classifier; a differing model.* dimension is an error naming the parameters.
+
+`freeze_mask` turns train.freeze's comma-separated regexes into the tree of bools that
+`optim.make_optimizer` takes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxlm import sharding
+from jaxlm.checkpoint import CheckpointError
+from jaxlm.config import ConfigError
+from jaxlm.models.transformer import TransformerConfig
+
+_STEP = re.compile(r"^(?P<workdir>.*):(?P<step>[^:/]*)$")
+_SHOWN = 5  # parameters named in one error or summary line before "(+N more)"
+
+
+def slash_path(path) -> str:
+    """'blocks/0/attn/query/kernel' for a jax key path (dict keys, list indices)."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def flat_params(tree) -> dict:
+    """{slash path: leaf} of a parameter tree."""
+    return {slash_path(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _listing(names, limit: int = _SHOWN) -> str:
+    names = list(names)
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def parse_init_from(text: str) -> tuple[str, int | None]:
+    """'WORKDIR[:STEP]' -> (workdir, step or None for the latest); gs:// paths keep their ':'."""
+    text = text.strip()
+    workdir, step = text, None
+    m = _STEP.match(text)
+    # Only a ':' followed by no '/' can start a step: 'gs://bucket/run' has none.
+    if m:
+        if not m["step"].isdigit():
+            raise ConfigError(
+                f"train.init_from={text!r}: STEP after ':' must be a checkpoint step number "
+                "(WORKDIR:300), or leave it out for the latest"
+            )
+        workdir, step = m["workdir"], int(m["step"])
+    if not workdir:
+        raise ConfigError(
+            f"train.init_from={text!r} names no run directory; write WORKDIR or WORKDIR:STEP"
+        )
+    return workdir, step
+
+
+def _pretrained_model_config(meta: dict, where: str) -> TransformerConfig:
+    """The pretrained model's config from its checkpoint meta (vocabulary resolved there)."""
+    fields = {f.name for f in dataclasses.fields(TransformerConfig)}
+    saved = meta.get("model")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"checkpoint {where} has no model config in its meta")
+    # Fields missing from the meta (dropout, dtype...) do not change parameter shapes.
+    return TransformerConfig(**{k: v for k, v in saved.items() if k in fields})
+
+
+def _restore_sharding(leaf, axes, mesh, rules) -> NamedSharding:
+    """The rules' sharding for a pretrained-only parameter; replicated if a dim does not divide."""
+    spec = sharding.logical_to_spec(axes, rules)
+    for dim, entry in zip(leaf.shape, spec, strict=False):
+        names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        if dim % math.prod(mesh.shape[n] for n in names):
+            return NamedSharding(mesh, PartitionSpec())
+    return NamedSharding(mesh, spec)
+
+
+def load_pretrained(
+    init_from: str, params: dict, rules, tokenizer_sha256: str | None
+) -> tuple[dict, dict]:
+    """This model's `params` (freshly initialized, sharded) with the pretrained run's matches.
+
+    Returns (params, report) with report {"loaded", "new", "dropped": [paths], "step",
+    "workdir"}. Matched parameters are restored straight into `params`' shardings and dtypes.
+    """
+    # train and inference import this module's callers; importing them here avoids a cycle.
+    from jaxlm import config as config_lib
+    from jaxlm import inference, train
+
+    workdir, step = parse_init_from(init_from)
+    key = f"train.init_from={init_from}"
+    try:
+        src_config = config_lib.load_run_config(workdir)
+        ckpt, step = inference.checkpoint_step(src_config, workdir, step)
+    except (ConfigError, CheckpointError) as e:
+        raise type(e)(f"{key}: {e}") from None
+    try:
+        where = f"{ckpt.directory}/{step}"
+        meta = ckpt.read_meta(step)
+        theirs = meta.get("tokenizer_sha256")
+        if theirs is not None and tokenizer_sha256 is not None and theirs != tokenizer_sha256:
+            raise ConfigError(
+                f"{key}: the pretrained run used tokenizer sha256 {theirs[:12]}, this run "
+                f"{tokenizer_sha256[:12]}; leave data.tokenizer empty so the pretrained run's "
+                "tokenizer is used (token ids must mean the same)"
+            )
+        _, src_abstract, src_axes = train.abstract_model(_pretrained_model_config(meta, where))
+        ours, src = flat_params(params), flat_params(src_abstract)
+        common = [n for n in ours if n in src]
+        wrong = [n for n in common if tuple(ours[n].shape) != tuple(src[n].shape)]
+        if wrong:
+            details = [
+                f"{n}: pretrained {tuple(src[n].shape)} vs {tuple(ours[n].shape)}" for n in wrong
+            ]
+            raise ConfigError(
+                f"{key}: {len(wrong)} parameter(s) differ in shape from the pretrained run "
+                f"({_listing(details)}); make model.* match {workdir}/config.json"
+            )
+        if not common:
+            raise ConfigError(
+                f"{key}: none of the pretrained run's {len(src)} parameters (e.g. "
+                f"{_listing(sorted(src), 3)}) is in this model (e.g. {_listing(sorted(ours), 3)});"
+                " fine-tune a model of the same model.family"
+            )
+        # Matched parameters land directly in this run's layout and dtype; the pretrained-only
+        # ones (dropped after the restore) get the rules' layout, so none is ever replicated
+        # whole on a device unless it does not divide.
+        mesh = ours[common[0]].sharding.mesh
+        is_axes = lambda x: isinstance(x, tuple)  # noqa: E731
+        flat_axes = {
+            slash_path(p): a
+            for p, a in jax.tree_util.tree_flatten_with_path(src_axes, is_leaf=is_axes)[0]
+        }
+        targets = {}
+        for name, leaf in src.items():
+            if name in ours:
+                mine = ours[name]
+                targets[name] = jax.ShapeDtypeStruct(mine.shape, leaf.dtype, sharding=mine.sharding)
+            else:
+                sh = _restore_sharding(leaf, flat_axes[name], mesh, rules)
+                targets[name] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sh)
+        abstract = jax.tree_util.tree_map_with_path(
+            lambda p, _: targets[slash_path(p)], src_abstract
+        )
+        restored = flat_params(ckpt.restore_params(step, abstract))
+    finally:
+        ckpt.close()
+
+    def pick(path, fresh):
+        name = slash_path(path)
+        return restored[name].astype(fresh.dtype) if name in restored else fresh
+
+    merged = jax.tree_util.tree_map_with_path(pick, params)
+    report = {
+        "loaded": common,
+        "new": [n for n in ours if n not in src],
+        "dropped": [n for n in src if n not in ours],
+        "step": step,
+        "workdir": workdir,
+    }
+    return merged, report
+
+
+def summary_line(report: dict) -> str:
+    """One console line: what init_from loaded, what is freshly initialized, what was dropped."""
+    line = (
+        f"init_from {report['workdir']} step {report['step']}: "
+        f"loaded {len(report['loaded'])} parameters"
+    )
+    if report["new"]:
+        line += f"; new: {_listing(report['new'], 8)}"
+    if report["dropped"]:
+        line += f"; dropped: {_listing(report['dropped'], 8)}"
+    return line
+
+
+def freeze_mask(abstract_params, patterns: str):
+    """True for parameters whose path matches one of the comma-separated regexes (re.search).
+
+    None when `patterns` is empty: nothing is frozen. A pattern that matches nothing, or
+    patterns that freeze every parameter, are ConfigErrors.
+    """
+    regexes = []
+    for text in (p.strip() for p in patterns.split(",")):
+        if not text:
+            continue
+        try:
+            regexes.append((text, re.compile(text)))
+        except re.error as e:
+            raise ConfigError(f"train.freeze pattern {text!r} is not a regex ({e})") from None
+    if not regexes:
+        return None
+    names = list(flat_params(abstract_params))
+    for text, rx in regexes:
+        if not any(rx.search(n) for n in names):
+            raise ConfigError(
+                f"train.freeze pattern {text!r} matches no parameter; paths look like "
+                f"{_listing(names, 4)}"
+            )
+    mask = jax.tree_util.tree_map_with_path(
+        lambda p, _: any(rx.search(slash_path(p)) for _, rx in regexes), abstract_params
+    )
+    if all(jax.tree.leaves(mask)):
+        raise ConfigError(
+            f"train.freeze={patterns!r} freezes every parameter, so nothing would train; "
+            "narrow the patterns"
+        )
+    return mask

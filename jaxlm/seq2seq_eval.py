@@ -1,0 +1,264 @@
+"""Generation metrics of a seq2seq run: decode the validation inputs, score the text.
+
+`decode_ids(s, params, sources, settings)` decodes token-id sources in batches of
+data.batch_size (the last one filled with one-token rows), each source right-padded to
+data.seq_len, so every batch shares one compiled loop per `DecodeSettings` (cached across
+calls). beam_size 1 is greedy argmax decoding (`generate.make_seq2seq_generate`); more beams
+run `generate.make_beam_search` with its GNMT length penalty and keep the best hypothesis.
+Outputs are cut before the first EOS, with padding dropped. Rows are split over the mesh's
+batch axes like training batches; the outputs come back replicated, so every process of a
+multi-process run gets all of them.
+
+`evaluate_generation(s, params, ...)` is what `inference.evaluate_run` adds for
+task.objective=seq2seq: corpus BLEU and chrF (sacrebleu, 0-100) and exact match (a fraction) of
+the detokenized hypotheses against the references, over `DataSource.eval_examples`. Sources
+without examples (synthetic data) are decoded from the validation batches instead, with token
+ids written as space-separated numbers in place of text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxlm import sharding, text_metrics
+from jaxlm.data import synthetic
+from jaxlm.generate import BeamSettings, SamplingSettings, make_beam_search, make_seq2seq_generate
+from jaxlm.tasks import DECODER_START_ID
+
+SAMPLES_FILE = "eval_samples.jsonl"
+NUM_SAMPLES = 20  # (input, reference, hypothesis) triples written for a human to read
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSettings:
+    beam_size: int = 1  # 1: greedy
+    length_penalty: float = 0.6  # GNMT alpha, beam search only; 0 ranks by log-probability
+    max_new_tokens: int = 64  # EOS included; the eval program uses data.target_len
+    eos_id: int = 1
+    pad_id: int = 0
+
+    def check(self) -> None:
+        """One-line errors naming the flag to fix."""
+        if self.beam_size < 1:
+            raise ValueError(f"--beam_size must be >= 1 (1 is greedy), got {self.beam_size}")
+        if self.length_penalty < 0:
+            raise ValueError(
+                f"--length_penalty must be >= 0 (0 ranks beams by log-probability), got "
+                f"{self.length_penalty}"
+            )
+        if self.max_new_tokens < 1:
+            raise ValueError(
+                f"max_new_tokens must be >= 1 (data.target_len), got {self.max_new_tokens}"
+            )
+
+
+class IdText:
+    """Stands in for a tokenizer where data has no text: ids as space-separated numbers.
+
+    BLEU over these "words" is still the n-gram overlap of the id sequences.
+    """
+
+    eos_id, pad_id = synthetic.EOS_ID, synthetic.PAD_ID
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(graphdef, mesh, rules: tuple, settings: DecodeSettings):
+    """jit(fn(params, sources_BS, lengths_B) -> tokens_BN), outputs replicated.
+
+    Cached per (model, mesh, rules, settings): the rules are read while tracing, so a
+    function traced under one set must not serve another.
+    """
+    del rules  # part of the cache key only
+    if settings.beam_size == 1:
+        generate = make_seq2seq_generate(
+            graphdef,
+            SamplingSettings(
+                max_new_tokens=settings.max_new_tokens,
+                temperature=0.0,
+                eos_id=settings.eos_id,
+                pad_id=settings.pad_id,
+            ),
+            start_id=DECODER_START_ID,
+        )
+
+        def run(params, sources_BS, lengths_B):
+            # Greedy decoding draws no randomness; the key only fills the signature.
+            return generate(params, sources_BS, lengths_B, jax.random.key(0))[0]
+
+    else:
+        search = make_beam_search(
+            graphdef,
+            BeamSettings(
+                beam_size=settings.beam_size,
+                max_new_tokens=settings.max_new_tokens,
+                length_penalty=settings.length_penalty,
+                eos_id=settings.eos_id,
+                pad_id=settings.pad_id,
+            ),
+            start_id=DECODER_START_ID,
+        )
+
+        def run(params, sources_BS, lengths_B):
+            return search(params, sources_BS, lengths_B)[0][:, 0]  # the best hypothesis
+
+    return jax.jit(run, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
+def padded_sources(sources: Sequence[np.ndarray], width: int):
+    """(ids [n, width] right-padded with 0, lengths [n]).
+
+    A source longer than `width` keeps its first width - 1 tokens and its last one (the EOS
+    every input ends with), as the model was trained on inputs of at most `width` tokens.
+    """
+    ids = np.zeros((len(sources), width), np.int32)
+    lengths = np.zeros(len(sources), np.int32)
+    for i, src in enumerate(sources):
+        src = np.asarray(src, np.int32).reshape(-1)
+        if src.size == 0:
+            raise ValueError(f"example {i} has an empty input: inputs hold at least their EOS")
+        if src.size > width:
+            src = np.append(src[: width - 1], src[-1])
+        ids[i, : src.size], lengths[i] = src, src.size
+    return ids, lengths
+
+
+def strip_output(tokens: Sequence[int], eos_id: int, pad_id: int) -> list[int]:
+    """The tokens before the first EOS, padding dropped (it is never a target token)."""
+    out = []
+    for t in tokens:
+        t = int(t)
+        if t == eos_id:
+            break
+        if t != pad_id:
+            out.append(t)
+    return out
+
+
+def decode_ids(s, params, sources: Sequence[np.ndarray], settings: DecodeSettings) -> list:
+    """Decoded ids of each source (EOS included in the source), cut before EOS.
+
+    `s` is a `train.Setup` or anything with .graphdef, .mesh and .config (data.batch_size,
+    data.seq_len, mesh.rules).
+    """
+    settings.check()
+    config, mesh = s.config, s.mesh
+    batch, width = config.data.batch_size, config.data.seq_len
+    rules = tuple(tuple(r) for r in config.mesh.rules)
+    fn = _compiled(s.graphdef, mesh, rules, settings)
+    ids, lengths = padded_sources(sources, width)
+    # Rows split over the batch axes as in training (data.batch_size divides them); a batch
+    # that does not divide is replicated instead.
+    shards = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES if a in mesh.shape]))
+    spec = PartitionSpec(sharding.BATCH_AXES) if batch % shards == 0 else PartitionSpec()
+    row_sh = NamedSharding(mesh, spec)
+    out = []
+    with sharding.use_rules(mesh, rules):
+        for start in range(0, len(ids), batch):
+            n = min(batch, len(ids) - start)
+            # Filler rows: one EOS token each, so no row has an empty (all-masked) source.
+            src = np.zeros((batch, width), np.int32)
+            src[:, 0] = settings.eos_id
+            src_len = np.ones(batch, np.int32)
+            src[:n], src_len[:n] = ids[start : start + n], lengths[start : start + n]
+            tokens = fn(params, _global(src, row_sh), _global(src_len, row_sh))
+            tokens = np.asarray(tokens)[:n]
+            out.extend(strip_output(row, settings.eos_id, settings.pad_id) for row in tokens)
+    return out
+
+
+def _global(x: np.ndarray, sh: NamedSharding) -> jax.Array:
+    """A global array from a host array every process holds in full."""
+    return jax.make_array_from_callback(x.shape, sh, lambda index: x[index])
+
+
+def decode_examples(s, params, examples: Sequence[dict], tokenizer, settings) -> list[str]:
+    """Hypothesis text of each example's input_ids."""
+    ids = decode_ids(s, params, [e["input_ids"] for e in examples], settings)
+    return [tokenizer.decode(x) for x in ids]
+
+
+def examples_from_batches(batches: Sequence[dict], text, max_examples: int = 0) -> list[dict]:
+    """Eval examples from whole seq2seq validation batches (rows whose loss mask counts)."""
+    out = []
+    for b in batches:
+        real = np.asarray(b["loss_mask"]).sum(axis=1) > 0
+        for i in np.flatnonzero(real):
+            src = np.asarray(b["inputs"][i])[np.asarray(b["input_segment_ids"][i]) > 0]
+            ref = strip_output(b["targets"][i], text.eos_id, text.pad_id)
+            out.append(
+                {
+                    "input_ids": src,
+                    "input": text.decode(strip_output(src, text.eos_id, text.pad_id)),
+                    "reference": text.decode(ref),
+                }
+            )
+    return out[:max_examples] if max_examples > 0 else out
+
+
+def validation_examples(s, num_examples: int, num_batches: int) -> tuple[list[dict], object]:
+    """(the first `num_examples` validation examples (0: all), what detokenizes them).
+
+    Sources without `eval_examples` (synthetic data) give their first `num_batches`
+    validation batches' rows (0: the source's default), all processes' rows.
+    """
+    data = s.data
+    if data.eval_examples is not None:
+        return data.eval_examples(num_examples), data.tokenizer
+    text = data.tokenizer if data.tokenizer is not None else IdText()
+    batches = data.eval_batches(num_batches, 0, 1)
+    return examples_from_batches(batches, text, num_examples), text
+
+
+def evaluate_generation(
+    s,
+    params,
+    *,
+    num_examples: int,
+    num_batches: int,
+    beam_size: int = 1,
+    length_penalty: float = 0.6,
+    samples_path: str | None = None,
+) -> dict:
+    """BLEU, chrF, exact match and the decoding settings over the validation examples.
+
+    `num_examples` 0 takes all; `num_batches` bounds synthetic data (see validation_examples).
+    The first NUM_SAMPLES (input, reference, hypothesis) triples go to `samples_path`
+    (process 0 writes it).
+    """
+    examples, text = validation_examples(s, num_examples, num_batches)
+    if not examples:
+        raise ValueError("the validation split has no examples to decode; pass --nodecode")
+    settings = DecodeSettings(
+        beam_size=beam_size,
+        length_penalty=length_penalty,
+        max_new_tokens=s.config.data.target_len,
+        eos_id=text.eos_id,
+        pad_id=text.pad_id,
+    )
+    hyps = decode_examples(s, params, examples, text, settings)
+    refs = [e["reference"] for e in examples]
+    if samples_path is not None and jax.process_index() == 0:
+        lines = [
+            json.dumps({"input": e["input"], "reference": e["reference"], "hypothesis": h})
+            for e, h in zip(examples[:NUM_SAMPLES], hyps, strict=False)
+        ]
+        epath.Path(samples_path).write_text("\n".join(lines) + "\n")
+    return {
+        "bleu": text_metrics.bleu(hyps, refs),
+        "chrf": text_metrics.chrf(hyps, refs),
+        "exact_match": text_metrics.exact_match(hyps, refs),
+        "decoded_examples": len(examples),
+        "beam_size": beam_size,
+        "length_penalty": length_penalty,
+    }
