@@ -345,10 +345,10 @@ def _validate_task(config: ml_collections.ConfigDict) -> None:
             f"{family}; set --config.model.family={fits[0]} or --config.task.objective="
             f"{others[0]}"
         )
-    if k.objective == "mlm" and not config.data.tokenizer_mask and _trains_tokenizer(config.data):
+    if k.objective == "mlm" and not config.data.tokenizer_mask and _trains_tokenizer(config):
         raise ConfigError(MLM_NEEDS_MASK)
     if k.objective == "span_corruption":
-        if not config.data.tokenizer_sentinels and _trains_tokenizer(config.data):
+        if not config.data.tokenizer_sentinels and _trains_tokenizer(config):
             raise ConfigError(SPANS_NEED_SENTINELS)
         if not 0.0 < k.noise_density < 1.0 or k.mean_span_length < 1.0:
             raise ConfigError(
@@ -368,7 +368,7 @@ def _validate_task(config: ml_collections.ConfigDict) -> None:
             )
         if any(w < 0 for w in k.class_weights):
             raise ConfigError(f"task.class_weights must be >= 0, got {k.class_weights}")
-    if k.objective in EXAMPLE_OBJECTIVES:
+    if k.objective in EXAMPLE_OBJECTIVES and not config.data.source.startswith("synthetic"):
         wanted = ["input_key"] + (["target_key"] if k.objective == "seq2seq" else ["label_key"])
         for key in wanted:
             if not config.data[key]:
@@ -400,12 +400,15 @@ MLM_NEEDS_MASK = (
 )
 
 
-def _trains_tokenizer(d: ml_collections.ConfigDict) -> bool:
-    """Whether the run trains its own tokenizer (no data.tokenizer, no prepared cache)."""
+def _trains_tokenizer(config: ml_collections.ConfigDict) -> bool:
+    """Whether the run trains its own tokenizer (no data.tokenizer, no prepared cache, no
+    train.init_from run whose tokenizer it takes)."""
     from jaxlm.data.readers import parse_sources  # no TensorFlow import
 
+    d = config.data
     kinds = {spec.kind for spec in parse_sources(d.source)}
-    return not d.tokenizer and not kinds & {"synthetic", "prepared"}
+    given = d.tokenizer or config.train.init_from
+    return not given and not kinds & {"synthetic", "prepared"}
 
 
 def _validate_data(d: ml_collections.ConfigDict) -> None:

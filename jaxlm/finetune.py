@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from pathlib import Path
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
@@ -40,7 +41,7 @@ def flat_params(tree) -> dict:
 
 def _listing(names, limit: int = _SHOWN) -> str:
     names = list(names)
-    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
 
 
@@ -64,12 +65,20 @@ def parse_init_from(text: str) -> tuple[str, int | None]:
     return workdir, step
 
 
+def _prefixed(key: str, fn, *args):
+    """fn(*args), with `key: ` in front of a CheckpointError's message."""
+    try:
+        return fn(*args)
+    except CheckpointError as e:
+        raise CheckpointError(f"{key}: {e}") from None
+
+
 def _pretrained_model_config(meta: dict, where: str) -> TransformerConfig:
     """The pretrained model's config from its checkpoint meta (vocabulary resolved there)."""
     fields = {f.name for f in dataclasses.fields(TransformerConfig)}
     saved = meta.get("model")
     if not isinstance(saved, dict):
-        raise CheckpointError(f"checkpoint {where} has no model config in its meta")
+        raise CheckpointError(f"checkpoint {where} has no model config in its meta: not jaxlm's")
     # Fields missing from the meta (dropout, dtype...) do not change parameter shapes.
     return TransformerConfig(**{k: v for k, v in saved.items() if k in fields})
 
@@ -89,8 +98,12 @@ def load_pretrained(
 ) -> tuple[dict, dict]:
     """This model's `params` (freshly initialized, sharded) with the pretrained run's matches.
 
-    Returns (params, report) with report {"loaded", "new", "dropped": [paths], "step",
-    "workdir"}. Matched parameters are restored straight into `params`' shardings and dtypes.
+    `init_from` is WORKDIR[:STEP] (the latest step when left out), `rules` this run's
+    mesh.rules, `tokenizer_sha256` this run's (None: not checked). Matched parameters are
+    restored straight into `params`' shardings, then cast to their dtypes. Returns (params,
+    report), report = {"loaded", "new", "dropped": [paths], "step": int, "workdir": str}.
+    Raises a one-line ConfigError or CheckpointError for a missing run, step or checkpoint,
+    another tokenizer, parameters of another shape, or no parameter in common.
     """
     # train and inference import this module's callers; importing them here avoids a cycle.
     from jaxlm import config as config_lib
@@ -98,14 +111,19 @@ def load_pretrained(
 
     workdir, step = parse_init_from(init_from)
     key = f"train.init_from={init_from}"
+    if not (Path(workdir) / "config.json").is_file():  # as config.load_run_config looks for it
+        raise ConfigError(
+            f"{key}: {workdir}/config.json not found; point it at the --workdir of a trained run"
+        )
     try:
         src_config = config_lib.load_run_config(workdir)
         ckpt, step = inference.checkpoint_step(src_config, workdir, step)
     except (ConfigError, CheckpointError) as e:
         raise type(e)(f"{key}: {e}") from None
+    # The checkpoint's errors name its directory; the prefix names the key that led there.
     try:
         where = f"{ckpt.directory}/{step}"
-        meta = ckpt.read_meta(step)
+        meta = _prefixed(key, ckpt.read_meta, step)
         theirs = meta.get("tokenizer_sha256")
         if theirs is not None and tokenizer_sha256 is not None and theirs != tokenizer_sha256:
             raise ConfigError(
@@ -134,7 +152,10 @@ def load_pretrained(
         # Matched parameters land directly in this run's layout and dtype; the pretrained-only
         # ones (dropped after the restore) get the rules' layout, so none is ever replicated
         # whole on a device unless it does not divide.
-        mesh = ours[common[0]].sharding.mesh
+        meshes = [getattr(ours[n], "sharding", None) for n in common]
+        if not all(isinstance(m, NamedSharding) for m in meshes):
+            raise TypeError("load_pretrained needs params with NamedShardings (create_state's)")
+        mesh = meshes[0].mesh
         is_axes = lambda x: isinstance(x, tuple)  # noqa: E731
         flat_axes = {
             slash_path(p): a
@@ -151,7 +172,7 @@ def load_pretrained(
         abstract = jax.tree_util.tree_map_with_path(
             lambda p, _: targets[slash_path(p)], src_abstract
         )
-        restored = flat_params(ckpt.restore_params(step, abstract))
+        restored = flat_params(_prefixed(key, ckpt.restore_params, step, abstract))
     finally:
         ckpt.close()
 

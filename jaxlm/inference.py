@@ -2,7 +2,8 @@
 
 `evaluate_run(workdir)` is the eval program: it restores only the parameters, straight into the
 training mesh's layout, and runs the training loop's own eval step, so it reproduces the loop's
-numbers. `LanguageModel.load(workdir)` is the notebook API:
+numbers; for seq2seq it also decodes the validation inputs for BLEU (jaxlm/seq2seq_eval.py).
+`LanguageModel.load(workdir)` is the notebook API:
 
     lm = LanguageModel.load("runs/demo")
     lm.score(["def f(x):\\n    return x\\n"])   # per-token log-probs

@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlm import config as config_lib
-from jaxlm import evaluate, monitor, sharding, tasks
+from jaxlm import evaluate, finetune, monitor, sharding, tasks
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.source import DataSource, make_source
 from jaxlm.models.families import build_model
@@ -88,7 +88,8 @@ def setup(config, workdir: str | Path, devices=None) -> Setup:
     mesh = sharding.mesh_from_config(config.mesh, devices)
     sharding.check_batch(config.data.batch_size, mesh, config.optim.grad_accum_steps)
     graphdef, abstract_params, axes = abstract_model(model_cfg)
-    tx, schedule = make_optimizer(config.optim, config.train.steps, abstract_params)
+    frozen = finetune.freeze_mask(abstract_params, config.train.freeze)
+    tx, schedule = make_optimizer(config.optim, config.train.steps, abstract_params, frozen)
     abstract = jax.eval_shape(lambda: init_state(model_cfg, tx, config.train.seed))
     param_sh = sharding.param_shardings(abstract["params"], axes, mesh, config.mesh.rules)
     state_sh = {
@@ -338,7 +339,16 @@ def checkpoint_dir(config, workdir: str | Path) -> str:
 def restore_or_init(s: Setup, ckpt: Checkpointer) -> dict:
     latest = ckpt.latest_step()
     if latest is None:
-        return create_state(s)
+        state = create_state(s)
+        if s.config.train.init_from:  # a fresh run only: resuming takes its own checkpoint
+            state["params"], report = finetune.load_pretrained(
+                s.config.train.init_from,
+                state["params"],
+                s.config.mesh.rules,
+                s.data.tokenizer_sha256,
+            )
+            monitor.console(finetune.summary_line(report))
+        return state
     monitor.console(f"resuming from checkpoint at step {latest} in {ckpt.directory}")
     return ckpt.restore(latest, abstract_state(s), expect_meta=s.meta())
 

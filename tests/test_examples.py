@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from jaxlm.data import examples, tokenizer
+from jaxlm.data import examples, readers, tokenizer
 from jaxlm.data.readers import DataError
 
 EOS = tokenizer.EOS_ID
@@ -182,28 +182,23 @@ def test_jsonl_classify_hash_split_and_empty_inputs(tmp_path, tok) -> None:
     c = _config(tmp_path, f"jsonl:{tmp_path}/all.jsonl", "classify", input_key="text")
     c.data.label_key, c.data.eval_fraction, c.model.num_classes = "y", 0.2, 3
     data = examples.ExampleData(c, tok, _quiet)
-    n_train, n_valid = data.train.size, data.valid.size
-    # Empty-after-cleaning texts leave training; every validation example stays.
-    empty = sum(1 for r in rows if not r["text"].strip() and _is_valid(r["text"], 0.2))
-    assert n_train + n_valid == 200 - (2 - empty)
-    assert data.manifest["splits"]["train"]["dropped_empty"] == 2 - empty
-    assert 20 < n_valid < 60  # about 20%
-    labels = np.concatenate([data.train.labels, data.valid.labels])
+    # The hash split on the raw input, in file order; empty-after-cleaning inputs ("  ", "")
+    # leave training but stay in validation; "x\x00" is cleaned to "x".
+    valid = [r for r in rows if readers.in_split(r["text"], "validation", 0.2)]
+    train = [r for r in rows if r not in valid and r["text"].strip()]
+    assert 20 < len(valid) < 60  # about 20%
+    assert data.valid.labels.tolist() == [r["y"] for r in valid]
+    assert data.train.labels.tolist() == [r["y"] for r in train]
+    cleaned = {"  ": "", "x\x00": "x"}
+    got = [e["input"] for e in data.eval_examples(0)]
+    assert got == [cleaned.get(r["text"], r["text"]) for r in valid]
+    dropped = sum(1 for r in rows[:2] if r not in valid)
+    assert data.manifest["splits"]["train"]["dropped_empty"] == dropped
     described = data.describe()
-    total = {
-        k: described["train"]["labels"].get(k, 0) + described["validation"]["labels"].get(k, 0)
-        for k in "012"
+    assert described["train"]["examples"] == len(train)
+    assert described["validation"]["labels"] == {
+        str(k): n for k in range(3) if (n := sum(r["y"] == k for r in valid))
     }
-    assert total == {str(k): int((labels == k).sum()) for k in range(3)}
-    # "x\x00" is cleaned to "x" (control characters go), wherever it landed.
-    texts = [e["input"] for e in data.eval_examples(0)]
-    assert "x\x00" not in texts
-
-
-def _is_valid(text: str, fraction: float) -> bool:
-    from jaxlm.data import readers
-
-    return readers.in_split(text, "validation", fraction)
 
 
 # --- step addressing, processes, evaluation -------------------------------------------------
@@ -313,7 +308,7 @@ def test_multi_process_jobs_do_not_build_a_cache(tmp_path, tok, monkeypatch) -> 
 def test_example_texts_are_cleaned_train_inputs_and_targets(tmp_path, tok) -> None:
     c = _seq2seq_jsonl(tmp_path, n_train=5)
     raw = [json.loads(x) for x in (tmp_path / "train.jsonl").read_text().splitlines()]
-    texts = list(examples.example_texts(c, [examples.readers.parse_sources(c.data.source)[0]]))
+    texts = list(examples.example_texts(c, [readers.parse_sources(c.data.source)[0]]))
     assert texts == [t for r in raw for t in (r["src"], r["tgt"].rstrip())]
 
 
@@ -368,3 +363,13 @@ def test_tfds_errors_name_the_fix(tmp_path, tok) -> None:
         with pytest.raises(DataError) as err:
             examples.make_example_source(c, tok, _quiet)
         _one_line(err, "has 3 classes but model.num_classes=2", "num_classes=3")
+
+
+def test_make_source_serves_example_tasks(tmp_path, tok) -> None:
+    from jaxlm.data import source as source_lib
+
+    c = _seq2seq_jsonl(tmp_path, tokenizer=str(tok.path))
+    data = source_lib.make_source(c, tmp_path / "run", log=_quiet)
+    assert data.eval_examples is not None and data.train_batch(0)["targets"].shape == (8, 6)
+    described = json.loads((tmp_path / "run" / "data.json").read_text())
+    assert described["validation"]["examples"] == 13 and described["task"] == "seq2seq"

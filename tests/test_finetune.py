@@ -177,13 +177,15 @@ def test_mismatches_are_one_line_errors(decoder_run, tmp_path, monkeypatch):
     assert "\n" not in msg and msg.startswith(f"train.init_from={decoder_run}: 14 parameter(s)")
     assert "blocks/0/attn/query/kernel: pretrained (32, 4, 8) vs (32, 8, 4)" in msg
     assert "blocks/0/mlp/down/kernel: pretrained (64, 32) vs (128, 32)" in msg
-    assert msg.endswith(f"(+9 more); make model.* match {decoder_run}/config.json")
-    # Nothing in common: an encoder-decoder has no decoder-LM parameter names.
-    e2d = tiny_config(objective="span_corruption")
-    _, e2d_params, _ = train.abstract_model(config_lib.model_config(e2d, 64))
-    with pytest.raises(ConfigError, match="none of the pretrained run's 19 parameters"):
-        load_pretrained(decoder_run, e2d_params, c.mesh.rules, None)
-    with pytest.raises(ConfigError, match="run.*config.json not found"):
+    assert msg.endswith(f" and 9 more); make model.* match {decoder_run}/config.json")
+    # Nothing in common (every family has embed/embedding, so a made-up tree).
+    other = {"head": {"kernel": jax.ShapeDtypeStruct((32, 3), np.float32)}}
+    with pytest.raises(ConfigError, match="none of the pretrained run's 20 parameters .* is in"):
+        load_pretrained(decoder_run, other, c.mesh.rules, None)
+    with pytest.raises(
+        ConfigError,
+        match=r"nothing/config.json not found; point it at the --workdir of a trained run$",
+    ):
         load_pretrained(str(tmp_path / "nothing"), abstract, c.mesh.rules, None)
     # Another tokenizer: token ids would mean other things.
     real = Checkpointer.read_meta

@@ -54,7 +54,11 @@ def test_synthetic_mlm_reserves_the_mask_id(tmp_path):
             "needs model.num_classes >= 2",
         ),
         (
-            {"task.objective": "seq2seq", "model.family": "encoder_decoder"},
+            {
+                "task.objective": "seq2seq",
+                "model.family": "encoder_decoder",
+                "data.source": "jsonl:pairs.jsonl",
+            },
             "set --config.data.input_key",
         ),
         (

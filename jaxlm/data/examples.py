@@ -270,11 +270,8 @@ def example_texts(config, specs: list[SourceSpec]) -> Iterator[str]:
     """Cleaned input and target texts of the train split, example by example (non-empty only):
     what a tokenizer for the task is trained on when data.tokenizer is empty."""
     spec, fields = _one_source(config, specs), Fields.from_config(config)
-    opts, clean = (
-        ReadOptions.from_config(config.data),
-        _text_cleaner(CleanConfig.from_config(config.data)),
-    )
-    for text, other in _records(spec, "train", opts, fields):
+    clean = _text_cleaner(CleanConfig.from_config(config.data))
+    for text, other in _records(spec, "train", ReadOptions.from_config(config.data), fields):
         for t in (text, other) if fields.seq2seq else (text,):
             if t := clean(t):
                 yield t

@@ -170,6 +170,8 @@ def tokenizer_key(config, specs: list[SourceSpec]) -> str:
         "options": [d.tokenizer_byte_fallback, d.tokenizer_mask, d.tokenizer_sentinels],
         "sample_chars": d.tokenizer_sample_chars,
     }
+    if config.task.objective in EXAMPLE_OBJECTIVES:  # trained on the examples' fields
+        what["fields"] = [config.task.objective, d.input_key, d.target_key, d.label_key]
     digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
     return f"{'+'.join(s.slug for s in specs)[:48]}-{digest}"
 
@@ -177,9 +179,14 @@ def tokenizer_key(config, specs: list[SourceSpec]) -> str:
 def train_tokenizer(config, specs: list[SourceSpec], out_path: str | Path):
     """Train the configured SentencePiece model on a sample of the configured sources."""
     d = config.data
-    texts = prepare.sample_texts(
-        specs, ReadOptions.from_config(d), CleanConfig.from_config(d), d.tokenizer_sample_chars
-    )
+    if config.task.objective in EXAMPLE_OBJECTIVES:
+        from jaxlm.data import examples
+
+        texts = _first_chars(examples.example_texts(config, specs), d.tokenizer_sample_chars)
+    else:
+        texts = prepare.sample_texts(
+            specs, ReadOptions.from_config(d), CleanConfig.from_config(d), d.tokenizer_sample_chars
+        )
     return tokenizer.train_tokenizer(
         texts,
         out_path,
@@ -192,6 +199,32 @@ def train_tokenizer(config, specs: list[SourceSpec], out_path: str | Path):
     )
 
 
+def _first_chars(texts, max_chars: int) -> list[str]:
+    """Texts in order until max_chars characters are taken."""
+    out, total = [], 0
+    for text in texts:
+        if total >= max_chars:
+            break
+        out.append(text)
+        total += len(text)
+    return out
+
+
+def init_from_tokenizer(config) -> Path | None:
+    """The tokenizer of the run train.init_from names (fine-tuning keeps its vocabulary)."""
+    if not config.train.init_from:
+        return None
+    from jaxlm import finetune  # imports the trainer, which imports this module
+
+    path = storage.join(finetune.parse_init_from(config.train.init_from)[0], "tokenizer.model")
+    if not storage.exists(path):
+        raise DataError(
+            f"train.init_from: {path} not found; point it at a jaxlm-train run directory "
+            "(one trained on text, with its tokenizer.model)"
+        )
+    return _local(path, config)
+
+
 def resolve_tokenizer(
     config, specs: list[SourceSpec], log: Callable[[str], None] = monitor.console
 ):
@@ -200,6 +233,8 @@ def resolve_tokenizer(
     d = config.data
     if d.tokenizer:
         return tokenizer.Tokenizer(_local(d.tokenizer, config))
+    if (pretrained := init_from_tokenizer(config)) is not None:
+        return tokenizer.Tokenizer(pretrained)
     prepared = [s for s in specs if s.kind == "prepared"]
     if prepared:
         return tokenizer.Tokenizer(_local(storage.join(prepared[0].arg, cache.TOKENIZER), config))
