@@ -3,6 +3,7 @@
 Commands:
   tokenizer --out PATH   train the configured SentencePiece tokenizer on a sample of data.source
   prepare --out DIR      tokenize data.source once into a cache; train with data.source=prepared:DIR
+                         (seq2seq/classify: the example cache, read with data.cache_dir=DIR)
   inspect                print decoded rows with their segment ids, positions and loss masks
   bench                  print one JSON line: tokens/s from raw text and from the cache
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 from absl import app, flags, logging
 
 from jaxlm.cli import common
+from jaxlm.config import EXAMPLE_OBJECTIVES
 
 COMMANDS = ("tokenizer", "prepare", "inspect", "bench")
 flags.DEFINE_string("config", None, "Experiment file defining get_config().")
@@ -55,6 +57,9 @@ def _prepare(config, specs) -> None:
     if any(s.kind == "prepared" for s in specs):
         raise ValueError("data.source is already prepared; prepare the original sources instead")
     tok = source.resolve_tokenizer(config, specs)
+    if config.task.objective in EXAMPLE_OBJECTIVES:
+        _prepare_examples(config, tok, out)
+        return
     opts, clean_cfg = ReadOptions.from_config(config.data), CleanConfig.from_config(config.data)
     entries = []
     for i, spec in enumerate(specs):
@@ -67,6 +72,20 @@ def _prepare(config, specs) -> None:
         weight = f"@{spec.weight:g}" if len(specs) > 1 else ""
         entries.append(f"prepared:{directory}{weight}")
     print(f"train on it with --config.data.source={','.join(entries)}")
+
+
+def _prepare_examples(config, tok, out: str) -> None:
+    """Example tasks: the tokenized example cache under --out (used as data.cache_dir), and the
+    tokenizer beside it, so a multi-host job can read both from shared storage."""
+    from jaxlm.data import examples, storage
+
+    config.data.cache_dir = out
+    directory, manifest = examples.build_cache(config, tok)
+    tok_path = storage.join(out, "tokenizer.model")
+    storage.write_bytes(tok_path, tok.path.read_bytes())
+    counts = {k: v["examples"] for k, v in manifest["splits"].items()}
+    print(f"wrote {directory}: {counts} examples, tokenizer sha256 {tok.sha256[:12]}")
+    print(f"train on it with --config.data.cache_dir={out} --config.data.tokenizer={tok_path}")
 
 
 def _inspect(config, specs) -> None:
