@@ -77,7 +77,7 @@ def _draw_excluding(key, shape, vocab_size: int, excluded: list[int]):
 # --- T5 span corruption (host side) ----------------------------------------------------------
 
 
-def _noise_counts(length: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
+def noise_counts(length: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
     """(noise tokens, spans): at least one of each, and never more spans than either part."""
     if length < 2:
         raise ValueError(f"span corruption needs at least 2 tokens, got {length}")
@@ -88,7 +88,7 @@ def _noise_counts(length: int, noise_density: float, mean_span_length: float) ->
 
 def corrupted_lengths(length: int, noise_density=0.15, mean_span_length=3.0) -> tuple[int, int]:
     """(encoder input length, target length) of a corrupted `length`-token example, no EOS."""
-    num_noise, num_spans = _noise_counts(length, noise_density, mean_span_length)
+    num_noise, num_spans = noise_counts(length, noise_density, mean_span_length)
     return length - num_noise + num_spans, num_noise + num_spans
 
 
@@ -96,7 +96,7 @@ def random_spans_noise_mask(
     length: int, noise_density: float, mean_span_length: float, rng: np.random.Generator
 ) -> np.ndarray:
     """Bool [length]: alternating clean and noise spans of random lengths, clean first (T5)."""
-    num_noise, num_spans = _noise_counts(length, noise_density, mean_span_length)
+    num_noise, num_spans = noise_counts(length, noise_density, mean_span_length)
     noise = _random_segmentation(num_noise, num_spans, rng)
     clean = _random_segmentation(length - num_noise, num_spans, rng)
     lengths = np.stack([clean, noise], axis=1).reshape(-1)

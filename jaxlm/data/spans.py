@@ -41,7 +41,7 @@ def raw_length(seq_len: int, target_len: int, noise_density: float, mean_span: f
 
 def check_sentinels(raw_len: int, noise_density: float, mean_span: float, sentinels: int):
     """Refuse rows that could need more sentinel pieces than the tokenizer has."""
-    _, spans = objectives._noise_counts(raw_len, noise_density, mean_span)
+    _, spans = objectives.noise_counts(raw_len, noise_density, mean_span)
     if spans > sentinels:
         raise DataError(
             f"rows of {raw_len} tokens get {spans} noise spans but the tokenizer has {sentinels} "
