@@ -9,8 +9,13 @@ Commands:  jaxlm-train --config experiments/t5_tiny.py --workdir runs/t5_tiny
            jaxlm-eval --workdir runs/t5_tiny --max_batches 0           (greedy BLEU)
            jaxlm-eval --workdir runs/t5_tiny --max_batches 0 --beam_size 4
            python experiments/code_docstring_baselines.py              (trivial baselines)
-Hardware:  a 2-core CPU, no accelerator.
-Result:    see README's task table (measured 2026-11-23, jax 0.10.2).
+Hardware:  a 2-core CPU, no accelerator; 27 minutes for 1000 steps while sharing the cores with
+           other jobs (2-4k tokens/s).
+Result:    after 1000 steps (2026-11-23, jax 0.10.2), on all 164 validation pairs: target loss
+           4.65 nats, token accuracy 0.178; greedy BLEU 0.57 (chrF 14.6), beam 4 BLEU 0.53.
+           Trivial baselines (code_docstring_baselines.py): name words 0.07, a constant sentence
+           0.00, "Return the" + name words 0.60 -- this run does not beat that last one yet;
+           longer training (or span-corruption pretraining with init_from) is the next step.
 """
 
 from jaxlm.config import base_config
