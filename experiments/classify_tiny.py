@@ -16,7 +16,8 @@ Hardware:  a 2-core CPU, no accelerator; ~10 minutes per run while sharing the c
 Result:    whole validation split (236 functions), accuracy / macro F1 (2026-11-23, jax 0.10.2):
            fine-tuned from runs/demo: 0.424 / 0.225 @100, 0.585 / 0.520 @200, 0.614 / 0.506 @300;
            from scratch:             0.551 / 0.367 @100, 0.648 / 0.554 @200, 0.716 / 0.630 @300.
-           Pretraining for 300 steps does not help this decoder classifier yet (issue 5 open).
+           At --config.optim.lr=3e-3 both: fine-tuned 0.678 / 0.585, scratch 0.589 / 0.475 @300.
+           The best scratch run still beats the best fine-tuned one (issue 5 open).
 """
 
 from pathlib import Path
