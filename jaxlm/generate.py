@@ -194,13 +194,14 @@ class BeamSettings:
     pad_id: int = 0  # written after a hypothesis's EOS
 
     def check(self) -> None:
+        """One-line errors naming the flag to fix (jaxlm-eval decodes with these settings)."""
         if self.beam_size < 1:
-            raise ValueError(f"beam_size must be >= 1, got {self.beam_size}")
+            raise ValueError(f"--beam_size must be >= 1 (1 is greedy), got {self.beam_size}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.length_penalty < 0:
             raise ValueError(
-                f"length_penalty must be >= 0 (0 ranks by log-probability), got "
+                f"--length_penalty must be >= 0 (0 ranks beams by log-probability), got "
                 f"{self.length_penalty}"
             )
 

@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxlm import config as config_lib
 from jaxlm import monitor, seq2seq_eval, sharding, train
 from jaxlm.checkpoint import Checkpointer, CheckpointError
-from jaxlm.generate import SamplingSettings, make_generate
+from jaxlm.generate import BeamSettings, SamplingSettings, make_generate
 
 
 def checkpoint_step(config, workdir: str | Path, step: int | None) -> tuple[Checkpointer, int]:
@@ -86,7 +86,7 @@ def evaluate_run(
             f"{max_decode_examples}"
         )
     # Checked before any loading, so a bad flag fails in a second, not after the restore.
-    seq2seq_eval.DecodeSettings(beam_size=beam_size, length_penalty=length_penalty).check()
+    BeamSettings(beam_size=beam_size, length_penalty=length_penalty).check()
     config = config_lib.load_run_config(workdir, overrides)
     s = train.setup(config, workdir, devices)
     ckpt, step = checkpoint_step(config, workdir, step)

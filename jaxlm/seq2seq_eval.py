@@ -2,7 +2,7 @@
 
 `decode_ids(s, params, sources, settings)` decodes token-id sources in batches of
 data.batch_size (the last one filled with one-token rows), each source right-padded to
-data.seq_len, so every batch shares one compiled loop per `DecodeSettings` (cached across
+data.seq_len, so every batch shares one compiled loop per `BeamSettings` (cached across
 calls). beam_size 1 is greedy argmax decoding (`generate.make_seq2seq_generate`); more beams
 run `generate.make_beam_search` with its GNMT length penalty and keep the best hypothesis.
 Outputs are cut before the first EOS, with padding dropped. Rows are split over the mesh's
@@ -18,7 +18,6 @@ ids written as space-separated numbers in place of text.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 from collections.abc import Sequence
@@ -37,29 +36,6 @@ SAMPLES_FILE = "eval_samples.jsonl"
 NUM_SAMPLES = 20  # (input, reference, hypothesis) triples written for a human to read
 
 
-@dataclasses.dataclass(frozen=True)
-class DecodeSettings:
-    beam_size: int = 1  # 1: greedy
-    length_penalty: float = 0.6  # GNMT alpha, beam search only; 0 ranks by log-probability
-    max_new_tokens: int = 64  # EOS included; the eval program uses data.target_len
-    eos_id: int = 1
-    pad_id: int = 0
-
-    def check(self) -> None:
-        """One-line errors naming the flag to fix."""
-        if self.beam_size < 1:
-            raise ValueError(f"--beam_size must be >= 1 (1 is greedy), got {self.beam_size}")
-        if self.length_penalty < 0:
-            raise ValueError(
-                f"--length_penalty must be >= 0 (0 ranks beams by log-probability), got "
-                f"{self.length_penalty}"
-            )
-        if self.max_new_tokens < 1:
-            raise ValueError(
-                f"max_new_tokens must be >= 1 (data.target_len), got {self.max_new_tokens}"
-            )
-
-
 class IdText:
     """Stands in for a tokenizer where data has no text: ids as space-separated numbers.
 
@@ -73,7 +49,7 @@ class IdText:
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(graphdef, mesh, rules: tuple, settings: DecodeSettings):
+def _compiled(graphdef, mesh, rules: tuple, settings: BeamSettings):
     """jit(fn(params, sources_BS, lengths_B) -> tokens_BN), outputs replicated.
 
     Cached per (model, mesh, rules, settings): the rules are read while tracing, so a
@@ -99,13 +75,7 @@ def _compiled(graphdef, mesh, rules: tuple, settings: DecodeSettings):
     else:
         search = make_beam_search(
             graphdef,
-            BeamSettings(
-                beam_size=settings.beam_size,
-                max_new_tokens=settings.max_new_tokens,
-                length_penalty=settings.length_penalty,
-                eos_id=settings.eos_id,
-                pad_id=settings.pad_id,
-            ),
+            settings,
             start_id=DECODER_START_ID,
         )
 
@@ -145,7 +115,7 @@ def strip_output(tokens: Sequence[int], eos_id: int, pad_id: int) -> list[int]:
     return out
 
 
-def decode_ids(s, params, sources: Sequence[np.ndarray], settings: DecodeSettings) -> list:
+def decode_ids(s, params, sources: Sequence[np.ndarray], settings: BeamSettings) -> list:
     """Decoded ids of each source (EOS included in the source), cut before EOS.
 
     `s` is a `train.Setup` or anything with .graphdef, .mesh and .config (data.batch_size,
@@ -239,7 +209,7 @@ def evaluate_generation(
     examples, text = validation_examples(s, num_examples, num_batches)
     if not examples:
         raise ValueError("the validation split has no examples to decode; pass --nodecode")
-    settings = DecodeSettings(
+    settings = BeamSettings(
         beam_size=beam_size,
         length_penalty=length_penalty,
         max_new_tokens=s.config.data.target_len,

@@ -56,15 +56,21 @@ def make_objective(config, data: DataSource) -> Objective:
     return _causal_lm(data.packed)
 
 
+def _without_randomness(sums: Callable[..., dict]) -> Callable[..., dict]:
+    """eval_sums of an objective whose only randomness is dropout: the key is not used."""
+
+    def eval_sums(model, batch, key):
+        del key
+        return sums(model, batch, None)
+
+    return eval_sums
+
+
 def _causal_lm(packed: bool) -> Objective:
     def loss_sums(model, batch, key):
         return evaluate.lm_sums(model, batch, packed=packed, dropout_key=key)
 
-    def eval_sums(model, batch, key):
-        del key  # nothing random in next-token evaluation
-        return evaluate.lm_sums(model, batch, packed=packed)
-
-    return Objective("lm", loss_sums, eval_sums, evaluate.finish_lm)
+    return Objective("lm", loss_sums, _without_randomness(loss_sums), evaluate.finish_lm)
 
 
 def _masked_lm(task, data: DataSource) -> Objective:
@@ -115,11 +121,7 @@ def _seq2seq(name: str) -> Objective:
         )
         return objectives.token_sums(logits, batch["targets"], batch["loss_mask"])
 
-    def eval_sums(model, batch, key):
-        del key  # nothing random in teacher-forced evaluation
-        return sums(model, batch, None)
-
-    return Objective(name, sums, eval_sums, objectives.finish_tokens)
+    return Objective(name, sums, _without_randomness(sums), objectives.finish_tokens)
 
 
 def _classify(class_weights) -> Objective:
@@ -135,8 +137,4 @@ def _classify(class_weights) -> Objective:
         )
         return {**out, "tokens": out["weight"]}  # the training step divides by "tokens"
 
-    def eval_sums(model, batch, key):
-        del key
-        return sums(model, batch, None)
-
-    return Objective("classify", sums, eval_sums, objectives.finish_classification)
+    return Objective("classify", sums, _without_randomness(sums), objectives.finish_classification)

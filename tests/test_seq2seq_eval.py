@@ -21,7 +21,7 @@ from jaxlm import seq2seq_eval, text_metrics, train
 from jaxlm.data import corpus, tokenizer
 from jaxlm.generate import BeamSettings, make_beam_search
 from jaxlm.objectives import shift_right
-from jaxlm.seq2seq_eval import DecodeSettings, decode_examples, decode_ids
+from jaxlm.seq2seq_eval import decode_examples, decode_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 8  # data.target_len: decoded tokens per example, EOS included
@@ -54,8 +54,8 @@ def run(tmp_path_factory):
     return s, params, tok, [x.astype(np.int32) for x in sources]
 
 
-def settings(**kw) -> DecodeSettings:
-    return DecodeSettings(**{"max_new_tokens": N, "eos_id": 1, "pad_id": 0, **kw})
+def settings(**kw) -> BeamSettings:
+    return BeamSettings(**{"beam_size": 1, "max_new_tokens": N, "eos_id": 1, "pad_id": 0, **kw})
 
 
 def stepwise_argmax(s, params, sources) -> list[list[int]]:

@@ -30,11 +30,9 @@ then padding (id 0).
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import hashlib
 import itertools
 import json
-import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxlm import monitor
-from jaxlm.data import pipeline, readers, source, storage
+from jaxlm.data import pipeline, readers, source, spans, storage
 from jaxlm.data.clean import CleanConfig, Cleaner
 from jaxlm.data.readers import DataError, ReadOptions, SourceSpec
 
@@ -55,7 +53,6 @@ KINDS = ("tfds", "jsonl")
 _CHUNK_CHARS = 2_000_000  # examples are tokenized in chunks of about this many characters
 _TFDS_BATCH = 1024  # TFDS examples are read in batches of this many (per-element is slow)
 _LOG_EVERY_S = 30.0  # seconds between progress lines while a cache is built
-_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,68 +172,19 @@ def _tfds_records(
 def _jsonl_records(
     pattern: str, split: str, opts: ReadOptions, fields: Fields
 ) -> Iterator[tuple[str, str | int]]:
-    files, by_name = readers._files("jsonl", pattern, split, opts)
-    for path in files:
-        with storage.open_binary(path) as raw:
-            lines = gzip.open(raw) if path.endswith(".gz") else raw
-            seen = False
-            for lineno, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                seen = True
-                where = f"{path}:{lineno}"
-                obj = _json_object(readers.decode(line, where, opts.decode_errors), where)
-                text = _text_field(obj, fields.input, "input_key", where, opts)
-                if fields.seq2seq:
-                    other = _text_field(obj, fields.other, "target_key", where, opts)
-                else:
-                    other = _label_field(obj, fields.other, where)
-                if by_name or readers.in_split(text, split, opts.eval_fraction):
-                    yield text, other
-            if not seen:
-                raise DataError(f"{path} is empty; remove it or narrow the pattern {pattern!r}")
-
-
-def _json_object(line: str, where: str) -> dict:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(
-            f"{where} is not a JSON object ({e.msg}); JSONL needs one per line"
-        ) from None
-    if not isinstance(obj, dict):
-        raise DataError(f"{where} is a JSON {type(obj).__name__}, not an object; JSONL needs one")
-    return obj
-
-
-def _field(obj: dict, key: str, config_key: str, where: str):
-    if key not in obj:
-        raise DataError(
-            f"{where} has no field {key!r} (it has {sorted(obj)[:8]}); set data.{config_key} "
-            "to the field that holds it"
-        )
-    return obj[key]
-
-
-def _text_field(obj: dict, key: str, config_key: str, where: str, opts: ReadOptions) -> str:
-    text = _field(obj, key, config_key, where)
-    if not isinstance(text, str):
-        raise DataError(
-            f"{where}: field {key!r} is {type(text).__name__}, not a string; set "
-            f"data.{config_key} to a text field"
-        )
-    if _SURROGATES.search(text):  # JSON escapes can encode lone surrogates, which are not text
-        if opts.decode_errors != "replace":
-            raise DataError(
-                f"{where}: field {key!r} holds a lone UTF-16 surrogate; fix the file or set "
-                "data.decode_errors=replace"
-            )
-        text = text.encode("utf-8", "replace").decode("utf-8")
-    return text
+    files, by_name = readers.match_files("jsonl", pattern, split, opts)
+    for obj, where in readers.json_objects(files, pattern, opts):
+        text = readers.text_field(obj, fields.input, "input_key", where, opts)
+        if fields.seq2seq:
+            other = readers.text_field(obj, fields.other, "target_key", where, opts)
+        else:
+            other = _label_field(obj, fields.other, where)
+        if by_name or readers.in_split(text, split, opts.eval_fraction):
+            yield text, other
 
 
 def _label_field(obj: dict, key: str, where: str) -> int:
-    label = _field(obj, key, "label_key", where)
+    label = readers.field(obj, key, "label_key", where)
     if not isinstance(label, int) or isinstance(label, bool):
         raise DataError(
             f"{where}: field {key!r} is {label!r}, not an integer class id; write labels as "
@@ -565,14 +513,9 @@ class ExampleData:
         d, eos = self.config.data, self.tok.eos_id
         inputs, input_seg = split.inputs.rows(index, d.seq_len, eos)
         if self.fields.seq2seq:
-            targets, target_seg = split.targets.rows(index, d.target_len, eos)
-            return {
-                "inputs": inputs,
-                "input_segment_ids": input_seg,
-                "targets": targets,
-                "target_segment_ids": target_seg,
-                "loss_mask": target_seg.astype(np.float32),
-            }
+            return spans.seq2seq_batch(
+                inputs, input_seg, *split.targets.rows(index, d.target_len, eos)
+            )
         return {
             "inputs": inputs,
             "segment_ids": input_seg,

@@ -167,7 +167,7 @@ def in_split(text: str, split: str, eval_fraction: float) -> bool:
     return is_eval == (split == "validation")
 
 
-def _files(kind: str, pattern: str, split: str, opts: ReadOptions) -> tuple[list[str], bool]:
+def match_files(kind: str, pattern: str, split: str, opts: ReadOptions) -> tuple[list[str], bool]:
     """(matching files, whether the glob chose the split via {split})."""
     by_name = "{split}" in pattern
     resolved = pattern.replace("{split}", opts.split_name(split))
@@ -186,7 +186,7 @@ def _empty_file(path: str, pattern: str) -> DataError:
 
 
 def _text_documents(pattern: str, split: str, opts: ReadOptions) -> Iterator[str]:
-    files, by_name = _files("text", pattern, split, opts)
+    files, by_name = match_files("text", pattern, split, opts)
     for path in files:
         data = storage.read_bytes(path)
         if not data:
@@ -197,8 +197,15 @@ def _text_documents(pattern: str, split: str, opts: ReadOptions) -> Iterator[str
 
 
 def _jsonl_documents(pattern: str, split: str, opts: ReadOptions) -> Iterator[str]:
-    files, by_name = _files("jsonl", pattern, split, opts)
-    key = opts.text_key
+    files, by_name = match_files("jsonl", pattern, split, opts)
+    for obj, where in json_objects(files, pattern, opts):
+        text = text_field(obj, opts.text_key, "text_key", where, opts)
+        if by_name or in_split(text, split, opts.eval_fraction):
+            yield text
+
+
+def json_objects(files: list[str], pattern: str, opts: ReadOptions) -> Iterator[tuple[dict, str]]:
+    """Each non-blank line of the JSONL files (.gz allowed) as (object, "path:line")."""
     for path in files:
         with storage.open_binary(path) as raw:
             lines = gzip.open(raw) if path.endswith(".gz") else raw
@@ -208,29 +215,41 @@ def _jsonl_documents(pattern: str, split: str, opts: ReadOptions) -> Iterator[st
                     continue
                 seen = True
                 where = f"{path}:{lineno}"
-                text = _json_text(decode(line, where, opts.decode_errors), key, where, opts)
-                if by_name or in_split(text, split, opts.eval_fraction):
-                    yield text
+                yield _json_object(decode(line, where, opts.decode_errors), where), where
             if not seen:
                 raise _empty_file(path, pattern)
 
 
-def _json_text(line: str, key: str, where: str, opts: ReadOptions) -> str:
+def _json_object(line: str, where: str) -> dict:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise DataError(
             f"{where} is not a JSON object ({e.msg}); JSONL needs one per line"
         ) from None
-    if not isinstance(obj, dict) or key not in obj:
-        fields = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+    if not isinstance(obj, dict):
+        raise DataError(f"{where} is a JSON {type(obj).__name__}, not an object; JSONL needs one")
+    return obj
+
+
+def field(obj: dict, key: str, config_key: str, where: str):
+    """obj[key]; a missing field names the fields there are and the config key to set."""
+    if key not in obj:
         raise DataError(
-            f"{where} has no field {key!r} (it has {fields}); set data.text_key to the field "
-            "that holds the document text"
+            f"{where} has no field {key!r} (it has {sorted(obj)[:8]}); set data.{config_key} "
+            "to the field that holds it"
         )
-    text = obj[key]
+    return obj[key]
+
+
+def text_field(obj: dict, key: str, config_key: str, where: str, opts: ReadOptions) -> str:
+    """A JSON field that must hold text (lone surrogates: an error or U+FFFD, as configured)."""
+    text = field(obj, key, config_key, where)
     if not isinstance(text, str):
-        raise DataError(f"{where}: field {key!r} is {type(text).__name__}, not a string")
+        raise DataError(
+            f"{where}: field {key!r} is {type(text).__name__}, not a string; set "
+            f"data.{config_key} to a text field"
+        )
     if _SURROGATES.search(text):  # JSON escapes can encode lone surrogates, which are not text
         if opts.decode_errors != "replace":
             raise DataError(

@@ -113,11 +113,11 @@ def _span_corruption(config, text: TextData, raw_len: int) -> DataSource:
 
     def eval_batches(max_batches: int, process_index=None, process_count=None) -> list[dict]:
         out = []
+        # Seeded by the batch and the row's place in it: each process corrupts its own rows.
+        first = pipeline.process_share(d.batch_size, *_process(process_index, process_count))
         for b, (rows_read, real) in enumerate(
             text.eval_rows(max_batches, process_index, process_count)
         ):
-            # Seeded by the batch and the row's place in it: each process corrupts its own.
-            first = pipeline.process_share(d.batch_size, *_process(process_index, process_count))
             seeds = [(seed, spans.EVAL_SALT, b, first.start + i) for i in range(len(real))]
             batch = corrupt(rows_read, seeds)
             batch["loss_mask"] = batch["loss_mask"] * real[:, None]

@@ -49,6 +49,17 @@ def check_sentinels(raw_len: int, noise_density: float, mean_span: float, sentin
         )
 
 
+def seq2seq_batch(inputs, input_segment_ids, targets, target_segment_ids) -> dict:
+    """The SEQ2SEQ_KEYS batch of padded encoder and decoder rows: every real target counts."""
+    return {
+        "inputs": inputs,
+        "input_segment_ids": input_segment_ids,
+        "targets": targets,
+        "target_segment_ids": target_segment_ids,
+        "loss_mask": target_segment_ids.astype(np.float32),
+    }
+
+
 def padded(seqs: Sequence[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids [n, width] right-padded with 0, segment ids: 1 on tokens, 0 on padding)."""
     ids = np.zeros((len(seqs), width), np.int32)
@@ -88,12 +99,4 @@ def corrupt_rows(
         )
         inputs.append(enc)
         targets.append(dec)
-    enc_ids, enc_seg = padded(inputs, seq_len)
-    dec_ids, dec_seg = padded(targets, target_len)
-    return {
-        "inputs": enc_ids,
-        "input_segment_ids": enc_seg,
-        "targets": dec_ids,
-        "target_segment_ids": dec_seg,
-        "loss_mask": dec_seg.astype(np.float32),
-    }
+    return seq2seq_batch(*padded(inputs, seq_len), *padded(targets, target_len))

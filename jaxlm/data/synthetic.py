@@ -101,15 +101,9 @@ def _seq2seq(config, vocab: int):
             np.append(row[: min(n, d.target_len - 1)], EOS_ID)
             for row, n in zip(tokens, lengths, strict=True)
         ]
-        enc, enc_seg = spans.padded(sources, d.seq_len)
-        dec, dec_seg = spans.padded(targets, d.target_len)
-        return {
-            "inputs": enc,
-            "input_segment_ids": enc_seg,
-            "targets": dec,
-            "target_segment_ids": dec_seg,
-            "loss_mask": dec_seg.astype(np.float32),
-        }
+        return spans.seq2seq_batch(
+            *spans.padded(sources, d.seq_len), *spans.padded(targets, d.target_len)
+        )
 
     return global_batch, {}
 
