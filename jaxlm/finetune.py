@@ -204,6 +204,16 @@ def summary_line(report: dict) -> str:
     return line
 
 
+def normalized_patterns(patterns: str) -> str:
+    """train.freeze without blanks around its comma-separated patterns ("a, b" -> "a,b")."""
+    return ",".join(p.strip() for p in patterns.split(",") if p.strip())
+
+
+def trained_only(tree, frozen) -> list:
+    """The leaves of `tree` whose `frozen` mask leaf is False."""
+    return [x for x, f in zip(jax.tree.leaves(tree), jax.tree.leaves(frozen), strict=True) if not f]
+
+
 def freeze_mask(abstract_params, patterns: str):
     """True for parameters whose path matches one of the comma-separated regexes (re.search).
 
@@ -211,9 +221,7 @@ def freeze_mask(abstract_params, patterns: str):
     patterns that freeze every parameter, are ConfigErrors.
     """
     regexes = []
-    for text in (p.strip() for p in patterns.split(",")):
-        if not text:
-            continue
+    for text in filter(None, normalized_patterns(patterns).split(",")):
         try:
             regexes.append((text, re.compile(text)))
         except re.error as e:

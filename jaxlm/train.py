@@ -48,9 +48,14 @@ class Setup:
     batch_sharding: NamedSharding
     data: DataSource
     objective: tasks.Objective
+    frozen: object = None  # finetune.freeze_mask: a tree of bools like the params, or None
 
     def meta(self) -> dict:
-        return checkpoint_meta(self.model_cfg, self.data.tokenizer_sha256)
+        meta = checkpoint_meta(self.model_cfg, self.data.tokenizer_sha256)
+        # Freezing changes the optimizer state's layout, so a resume must keep it; named here
+        # so that changing it gives a one-line error naming the key, not a shape mismatch.
+        meta["train.freeze"] = finetune.normalized_patterns(self.config.train.freeze)
+        return meta
 
 
 def checkpoint_meta(model_cfg: TransformerConfig, tokenizer_sha256: str | None) -> dict:
@@ -108,6 +113,7 @@ def setup(config, workdir: str | Path, devices=None) -> Setup:
         sharding.batch_sharding(mesh),
         data,
         objective,
+        frozen,
     )
 
 
@@ -139,6 +145,7 @@ def _microbatches(batch: dict, n: int, batch_sh: NamedSharding) -> dict:
 def make_train_step(s: Setup):
     """jit(train_step) with explicit in/out shardings and the state donated."""
     graphdef, tx, n_micro = s.graphdef, s.tx, s.config.optim.grad_accum_steps
+    trained = (lambda g: g) if s.frozen is None else (lambda g: finetune.trained_only(g, s.frozen))
     base_key = jax.random.fold_in(jax.random.key(s.config.train.seed), 2)
     loss_sums = s.objective.loss_sums
 
@@ -177,7 +184,7 @@ def make_train_step(s: Setup):
         }
         metrics = {
             "loss": sums["nll"] / tokens,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.global_norm(trained(grads)),  # what clipping sees
             "tokens": tokens,
         }
         return new_state, metrics

@@ -1,11 +1,10 @@
 """train.init_from loads a pretrained run's matching parameters; train.freeze keeps some fixed."""
 
-import dataclasses
-
 import jax
 import numpy as np
 import pytest
 from conftest import tiny_config
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlm import config as config_lib
@@ -13,7 +12,6 @@ from jaxlm import finetune, sharding, train
 from jaxlm.checkpoint import Checkpointer, CheckpointError
 from jaxlm.config import ConfigError
 from jaxlm.finetune import flat_params, freeze_mask, load_pretrained, parse_init_from
-from jaxlm.optim import make_optimizer
 
 # In tree order (sorted keys), the order of every report list.
 CLASSIFIER = [
@@ -72,18 +70,6 @@ def classifier_config(family: str = "decoder"):
     if family == "encoder":
         c.task.objective = "mlm"  # the param tree is what matters here, not the objective
     return c
-
-
-def with_freeze(s: train.Setup) -> train.Setup:
-    """The Setup `train.setup` builds once train.freeze is wired in (optimizer and shardings)."""
-    _, abstract_params, _ = train.abstract_model(s.model_cfg)
-    frozen = freeze_mask(abstract_params, s.config.train.freeze)
-    tx, schedule = make_optimizer(s.config.optim, s.config.train.steps, abstract_params, frozen)
-    s = dataclasses.replace(s, tx=tx, schedule=schedule)
-    opt = jax.eval_shape(lambda: train.init_state(s.model_cfg, tx, 0))["opt_state"]
-    param_sh = s.state_shardings["params"]
-    opt_sh = sharding.state_shardings(opt, param_sh, s.mesh)
-    return dataclasses.replace(s, state_shardings={**s.state_shardings, "opt_state": opt_sh})
 
 
 def test_parse_init_from():
@@ -219,15 +205,34 @@ def test_frozen_parameters_do_not_move(tmp_path):
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
     c.optim.weight_decay, c.optim.decay_embeddings = 0.5, True  # decay must not move them either
     c.train.freeze = "embed,blocks/0"
-    s = with_freeze(train.setup(c, tmp_path))
+    s = train.setup(c, tmp_path)
     step_fn = train.make_train_step(s)
     with sharding.use_rules(s.mesh, c.mesh.rules):
         state = train.create_state(s)
         before = {k: np.asarray(v) for k, v in flat_params(state["params"]).items()}
+        # tiny_config has no dropout, so the step's gradients are those of this loss.
+        batch0 = train.to_device(s.data.train_batch(0), s.batch_sharding)
+
+        def mean_loss(params):
+            sums = s.objective.loss_sums(nnx.merge(s.graphdef, params), batch0, None)
+            return sums["nll"] / sums["tokens"]
+
+        grads = flat_params(jax.grad(mean_loss)(state["params"]))
         for i in range(3):
-            state, _ = step_fn(state, train.to_device(s.data.train_batch(i), s.batch_sharding))
+            state, metrics = step_fn(
+                state, train.to_device(s.data.train_batch(i), s.batch_sharding)
+            )
+            if i == 0:
+                first_norm = float(metrics["grad_norm"])
     frozen = [n for n in before if n.startswith(("embed", "blocks/0/"))]
     assert len(frozen) == 1 + 9
+    # grad_norm is the norm clipping sees: trained parameters only.
+    trained_norm = np.sqrt(
+        sum(float(np.sum(np.square(g))) for n, g in grads.items() if n not in frozen)
+    )
+    full_norm = np.sqrt(sum(float(np.sum(np.square(g))) for g in grads.values()))
+    np.testing.assert_allclose(first_norm, trained_norm, rtol=1e-5)
+    assert full_norm > trained_norm * 1.01
     for name, value in flat_params(state["params"]).items():
         same = np.array_equal(np.asarray(value), before[name])
         assert same == (name in frozen), name
@@ -257,3 +262,14 @@ def test_frozen_parameters_do_not_move(tmp_path):
     assert jax.tree.structure(back) == jax.tree.structure(state)
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_resume_with_another_freeze_names_the_key(tmp_path):
+    c = tiny_config()
+    c.train.steps, c.train.stop_at, c.train.freeze = 4, 2, "embed"
+    train.train(c, tmp_path)
+    c.train.freeze = "blocks/0"
+    with pytest.raises(CheckpointError, match=r"train.freeze='embed' \(config has 'blocks/0'\)"):
+        train.train(c, tmp_path)
+    c.train.freeze, c.train.stop_at = " embed ", 0  # the same patterns, written differently
+    assert train.train(c, tmp_path)["step"] == 4
