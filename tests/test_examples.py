@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from jaxlm.data import examples, readers, tokenizer
+from jaxlm.data import example_cache, examples, readers, tokenizer
 from jaxlm.data.readers import DataError
 
 EOS = tokenizer.EOS_ID
@@ -261,7 +261,7 @@ def test_eval_covers_every_example_once_with_masked_fill(tmp_path, tok) -> None:
 def test_cache_is_reused_and_keyed(tmp_path, tok, monkeypatch) -> None:
     c = _seq2seq_jsonl(tmp_path)
     first = examples.ExampleData(c, tok, _quiet)
-    manifest = first.directory / examples.MANIFEST
+    manifest = first.directory / example_cache.MANIFEST
     mtime = os.stat(manifest).st_mtime_ns
     calls = []
     monkeypatch.setattr(tok, "encode_batch", lambda texts: calls.append(len(texts)) or [])
@@ -308,7 +308,7 @@ def test_multi_process_jobs_do_not_build_a_cache(tmp_path, tok, monkeypatch) -> 
 def test_example_texts_are_cleaned_train_inputs_and_targets(tmp_path, tok) -> None:
     c = _seq2seq_jsonl(tmp_path, n_train=5)
     raw = [json.loads(x) for x in (tmp_path / "train.jsonl").read_text().splitlines()]
-    texts = list(examples.example_texts(c, [readers.parse_sources(c.data.source)[0]]))
+    texts = list(example_cache.example_texts(c, [readers.parse_sources(c.data.source)[0]]))
     assert texts == [t for r in raw for t in (r["src"], r["tgt"].rstrip())]
 
 

@@ -77,10 +77,10 @@ def _prepare(config, specs) -> None:
 def _prepare_examples(config, tok, out: str) -> None:
     """Example tasks: the tokenized example cache under --out (used as data.cache_dir), and the
     tokenizer beside it, so a multi-host job can read both from shared storage."""
-    from jaxlm.data import examples, storage
+    from jaxlm.data import example_cache, storage
 
     config.data.cache_dir = out
-    directory, manifest = examples.build_cache(config, tok)
+    directory, manifest = example_cache.build_cache(config, tok)
     tok_path = storage.join(out, "tokenizer.model")
     storage.write_bytes(tok_path, tok.path.read_bytes())
     counts = {k: v["examples"] for k, v in manifest["splits"].items()}
