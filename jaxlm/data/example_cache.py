@@ -131,19 +131,7 @@ def _tfds_records(
             f"model.num_classes={num_classes}; set --config.model.num_classes={classes}"
         )
     split_name = opts.split_name(split)
-    try:
-        ds = builder.as_dataset(split=split_name, shuffle_files=False)
-    except AssertionError:
-        raise DataError(
-            f"TFDS dataset {name} is not prepared in {builder.data_dir}; run `tfds build {name} "
-            "--data_dir DIR` and set data.tfds_data_dir=DIR (training never downloads)"
-        ) from None
-    except ValueError as e:  # unknown split
-        first = str(e).strip().splitlines()[0][:200]
-        key = "train_split" if split == "train" else "eval_split"
-        raise DataError(
-            f"TFDS dataset {name}: {first} Set data.{key} (TFDS syntax, e.g. train[:1%])"
-        ) from None
+    ds = readers.tfds_split(builder, name, split_name, train=split == "train")
     keys = (fields.input, fields.other)
     ds = ds.map(lambda ex: tuple(ex[k] for k in keys), num_parallel_calls=tf.data.AUTOTUNE)
     where = f"TFDS {name} split {split_name}"

@@ -306,6 +306,24 @@ def tfds_builder(name: str, opts: ReadOptions):
     return builder
 
 
+def tfds_split(builder, name: str, split: str, train: bool):
+    """The builder's tf.data split in file order; unprepared data or a bad split name is a
+    DataError naming the fix (`train` picks the config key it names: train_split/eval_split)."""
+    try:
+        return builder.as_dataset(split=split, shuffle_files=False)
+    except AssertionError:
+        raise DataError(
+            f"TFDS dataset {name} is not prepared in {builder.data_dir}; run `tfds build {name} "
+            "--data_dir DIR` and set data.tfds_data_dir=DIR (training never downloads)"
+        ) from None
+    except ValueError as e:  # unknown split
+        first = str(e).strip().splitlines()[0][:200]
+        key = "train_split" if train else "eval_split"
+        raise DataError(
+            f"TFDS dataset {name}: {first} Set data.{key} (TFDS syntax, e.g. train[:1%])"
+        ) from None
+
+
 def _tfds_documents(name: str, split: str, opts: ReadOptions) -> Iterator[str]:
     import tensorflow as tf
 
@@ -316,19 +334,7 @@ def _tfds_documents(name: str, split: str, opts: ReadOptions) -> Iterator[str]:
             f"TFDS dataset {name} has no feature {opts.text_key!r} (it has "
             f"{sorted(features.keys())}); set data.text_key"
         )
-    try:
-        ds = builder.as_dataset(split=split, shuffle_files=False)
-    except AssertionError:
-        raise DataError(
-            f"TFDS dataset {name} is not prepared in {builder.data_dir}; run `tfds build {name} "
-            "--data_dir DIR` and set data.tfds_data_dir=DIR (training never downloads)"
-        ) from None
-    except ValueError as e:  # unknown split
-        first = str(e).strip().splitlines()[0][:200]
-        key = "train_split" if split == opts.train_split else "eval_split"
-        raise DataError(
-            f"TFDS dataset {name}: {first} Set data.{key} (TFDS syntax, e.g. train[:1%])"
-        ) from None
+    ds = tfds_split(builder, name, split, train=split == opts.train_split)
     texts = ds.map(lambda ex: ex[opts.text_key], num_parallel_calls=tf.data.AUTOTUNE)
     where = f"TFDS {name} split {split}"
     for data in texts.prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
