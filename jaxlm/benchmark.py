@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from jaxlm import evaluate, sharding, train
+from jaxlm.data import feed
 
 
 def device_peak_memory_gib() -> float | None:
@@ -33,7 +34,7 @@ def benchmark(config, steps: int = 20, warmup: int = 3, chunks: int = 4) -> dict
     with tempfile.TemporaryDirectory() as workdir:
         s = train.setup(config, workdir)
     step_fn = train.make_train_step(s)
-    batches = [train.to_device(s.data.train_batch(i), s.batch_sharding) for i in range(2)]
+    batches = [feed.to_device(s.data.train_batch(i), s.batch_sharding) for i in range(2)]
     with sharding.use_rules(s.mesh, config.mesh.rules):
         state = train.create_state(s)
         jax.block_until_ready(state)

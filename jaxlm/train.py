@@ -8,9 +8,6 @@ where the checkpoint left it.
 from __future__ import annotations
 
 import dataclasses
-import queue
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -24,10 +21,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxlm import config as config_lib
 from jaxlm import evaluate, finetune, monitor, sharding, tasks
 from jaxlm.checkpoint import Checkpointer
+from jaxlm.data.feed import Prefetcher, to_device
 from jaxlm.data.source import DataSource, make_source
 from jaxlm.models.families import build_model
 from jaxlm.models.transformer import TransformerConfig
 from jaxlm.optim import make_optimizer
+from jaxlm.preemption import StopSignal
 
 
 class TrainingError(RuntimeError):
@@ -214,90 +213,6 @@ def make_eval_step(s: Setup):
         in_shardings=(s.state_shardings["params"], s.batch_sharding, replicated),
         out_shardings=replicated,
     )
-
-
-def to_device(batch: dict, batch_sh: NamedSharding) -> dict:
-    """This process's rows of the global batch (DataSource.train_batch) -> global jax.Arrays."""
-    n = jax.process_count()
-    out = {}
-    for key in batch:
-        x = np.asarray(batch[key])
-        global_shape = (x.shape[0] * n, *x.shape[1:])
-        out[key] = jax.make_array_from_process_local_data(batch_sh, x, global_shape)
-    return out
-
-
-class Prefetcher:
-    """Builds and places batches for steps [start, end) on device in a background thread."""
-
-    def __init__(self, make_batch, batch_sh, start: int, end: int, depth: int):
-        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._work, args=(make_batch, batch_sh, start, end), daemon=True
-        )
-        self._thread.start()
-
-    def _work(self, make_batch, batch_sh, start, end):
-        try:
-            for step in range(start, end):
-                item = to_device(make_batch(step), batch_sh)
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
-                    return
-        except Exception as e:  # surfaced to the training thread by next()
-            self._queue.put(e)
-
-    def next(self) -> dict:
-        item = self._queue.get()
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-
-class StopSignal:
-    """SIGTERM/SIGINT: save at the current step and return cleanly, on every host together.
-
-    One process: a Python handler sets a flag. Several processes: JAX's runtime catches SIGTERM
-    on any host and agrees with the others on a step to stop at
-    (`multihost_utils.reached_preemption_sync_point`, asked every step), so all save the same
-    step; no Python handler is installed there, as it would replace JAX's.
-    """
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous = {}
-        self._multiprocess = jax.process_count() > 1
-
-    def __enter__(self):
-        if not self._multiprocess and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.received = signum
-
-    def should_stop(self, step: int) -> bool:
-        if self._multiprocess and self.received is None:
-            from jax.experimental import multihost_utils
-
-            if multihost_utils.reached_preemption_sync_point(step):
-                self.received = signal.SIGTERM
-        return self.received is not None
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def run_eval(s: Setup, eval_step, params, max_batches: int | None = None) -> dict:

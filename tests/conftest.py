@@ -23,6 +23,7 @@ import pytest  # noqa: E402
 
 from jaxlm import sharding, train  # noqa: E402
 from jaxlm.config import OBJECTIVE_FAMILY, base_config  # noqa: E402
+from jaxlm.data import feed  # noqa: E402
 
 
 def tiny_config(source: str = "synthetic", objective: str = "lm"):
@@ -70,9 +71,7 @@ def losses_after(config, devices, tmp_path, steps: int = 3) -> list[float]:
     out = []
     with sharding.use_rules(s.mesh, config.mesh.rules):
         for i in range(steps):
-            state, metrics = step_fn(
-                state, train.to_device(s.data.train_batch(i), s.batch_sharding)
-            )
+            state, metrics = step_fn(state, feed.to_device(s.data.train_batch(i), s.batch_sharding))
             out.append(float(metrics["loss"]))
     return out
 

@@ -11,6 +11,7 @@ from jaxlm import config as config_lib
 from jaxlm import finetune, sharding, train
 from jaxlm.checkpoint import Checkpointer, CheckpointError
 from jaxlm.config import ConfigError
+from jaxlm.data import feed
 from jaxlm.finetune import flat_params, freeze_mask, load_pretrained, parse_init_from
 
 # In tree order (sorted keys), the order of every report list.
@@ -211,7 +212,7 @@ def test_frozen_parameters_do_not_move(tmp_path):
         state = train.create_state(s)
         before = {k: np.asarray(v) for k, v in flat_params(state["params"]).items()}
         # tiny_config has no dropout, so the step's gradients are those of this loss.
-        batch0 = train.to_device(s.data.train_batch(0), s.batch_sharding)
+        batch0 = feed.to_device(s.data.train_batch(0), s.batch_sharding)
 
         def mean_loss(params):
             sums = s.objective.loss_sums(nnx.merge(s.graphdef, params), batch0, None)
@@ -219,9 +220,7 @@ def test_frozen_parameters_do_not_move(tmp_path):
 
         grads = flat_params(jax.grad(mean_loss)(state["params"]))
         for i in range(3):
-            state, metrics = step_fn(
-                state, train.to_device(s.data.train_batch(i), s.batch_sharding)
-            )
+            state, metrics = step_fn(state, feed.to_device(s.data.train_batch(i), s.batch_sharding))
             if i == 0:
                 first_norm = float(metrics["grad_norm"])
     frozen = [n for n in before if n.startswith(("embed", "blocks/0/"))]
