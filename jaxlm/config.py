@@ -162,6 +162,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.log_every = 50  # steps between console/metrics.jsonl/TensorBoard records
     t.eval_every = 500  # steps between evaluations on the validation split; 0: only at the end
     t.eval_steps = 20  # validation batches per evaluation; 0: the whole split
+    t.eval_decode = 0  # seq2seq: greedy-decode this many validation examples per eval for BLEU
     t.checkpoint_every = 500  # steps between checkpoints (one is always written at the end)
     t.keep_checkpoints = 3  # checkpoints kept on disk
     t.checkpoint_dir = ""  # where checkpoints go (local or gs://); empty: WORKDIR/checkpoints
@@ -376,6 +377,13 @@ def _validate_task(config: ml_collections.ConfigDict) -> None:
                     f"task.objective={k.objective} reads examples: set --config.data.{key} to "
                     "the feature (TFDS) or field (JSONL) that holds it"
                 )
+    if config.train.eval_decode < 0:
+        raise ConfigError(f"train.eval_decode must be >= 0, got {config.train.eval_decode}")
+    if config.train.eval_decode and k.objective != "seq2seq":
+        raise ConfigError(
+            f"train.eval_decode={config.train.eval_decode} decodes seq2seq outputs for BLEU; "
+            f"task.objective={k.objective} has none: set --config.train.eval_decode=0"
+        )
     if config.data.target_len < 2:
         raise ConfigError(
             f"config key 'data.target_len' must be >= 2, got {config.data.target_len}"

@@ -83,6 +83,8 @@ def eval_line(step: int, metrics: dict) -> str:
         "macro_f1": "macro F1 {:.4f}",
         "tokens": "{:.0f} tokens",
         "examples": "{:.0f} examples",
+        "bleu": "BLEU {:.2f}",
+        "chrf": "chrF {:.1f}",
     }
     parts += [fmt.format(metrics[key]) for key, fmt in formats.items() if key in metrics]
     return " | ".join(parts)

@@ -380,6 +380,13 @@ class _Loop:
 
     def _evaluate(self, step: int, params) -> dict:
         metrics = run_eval(self.s, self.eval_step, params)
+        if self.cfg.eval_decode > 0:
+            from jaxlm import seq2seq_eval  # sacrebleu is imported only by runs that decode
+
+            gen = seq2seq_eval.evaluate_generation(
+                self.s, params, num_examples=self.cfg.eval_decode, num_batches=self.cfg.eval_steps
+            )
+            metrics.update({k: gen[k] for k in ("bleu", "chrf", "exact_match", "decoded_examples")})
         monitor.console(monitor.eval_line(step, metrics))
         self.writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
         return metrics

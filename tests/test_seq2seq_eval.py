@@ -17,7 +17,7 @@ import pytest
 from conftest import tiny_config
 from flax import nnx
 
-from jaxlm import seq2seq_eval, text_metrics, train
+from jaxlm import inference, seq2seq_eval, text_metrics, train
 from jaxlm.data import corpus, tokenizer
 from jaxlm.generate import BeamSettings, make_beam_search
 from jaxlm.objectives import shift_right
@@ -188,9 +188,16 @@ def test_jaxlm_eval_reports_generation_metrics_of_a_jsonl_task(tmp_path):
     c.data.input_key, c.data.target_key, c.data.tokenizer = "src", "tgt", str(tok.path)
     c.data.cache_dir = str(tmp_path / "cache")
     c.data.target_len, c.model.num_layers, c.model.vocab_size = N, 1, 0
-    c.train.steps, c.train.checkpoint_every = 2, 2
+    c.train.steps, c.train.checkpoint_every, c.train.eval_decode = 2, 2, 10
     workdir = tmp_path / "run"
     train.train(c, workdir)
+    # The loop's final eval decoded all 10 validation examples greedily, as jaxlm-eval does.
+    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    loop = next(r for r in records if "eval/bleu" in r)
+    greedy = inference.evaluate_run(workdir, max_batches=0)
+    assert (loop["step"], loop["eval/decoded_examples"], greedy["decoded_examples"]) == (2, 10, 10)
+    for key in ("bleu", "chrf", "exact_match"):
+        assert loop[f"eval/{key}"] == pytest.approx(greedy[key], rel=1e-9), key
     proc = eval_cli(
         "--workdir", str(workdir), "--max_batches", "0", "--beam_size", "2",
         "--length_penalty", "1.0",

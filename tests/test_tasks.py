@@ -87,3 +87,13 @@ def test_bad_pairings_are_one_line_errors(changes, message):
         config_lib.validate(c)
         config_lib.model_config(c, 64)
     assert "\n" not in str(e.value)
+
+
+def test_eval_decode_is_for_seq2seq_only():
+    c = tiny_config(objective="classify")
+    c.train.eval_decode = 8
+    with pytest.raises(ConfigError, match="train.eval_decode=8 decodes seq2seq outputs"):
+        config_lib.validate(c)
+    c.train.eval_decode = -1
+    with pytest.raises(ConfigError, match="train.eval_decode must be >= 0"):
+        config_lib.validate(c)
