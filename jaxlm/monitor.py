@@ -85,6 +85,7 @@ def eval_line(step: int, metrics: dict) -> str:
         "examples": "{:.0f} examples",
         "bleu": "BLEU {:.2f}",
         "chrf": "chrF {:.1f}",
+        "exact_match": "exact match {:.3f}",
     }
     parts += [fmt.format(metrics[key]) for key, fmt in formats.items() if key in metrics]
     return " | ".join(parts)

@@ -9,11 +9,12 @@ Outputs are cut before the first EOS, with padding dropped. Rows are split over 
 batch axes like training batches; the outputs come back replicated, so every process of a
 multi-process run gets all of them.
 
-`evaluate_generation(s, params, ...)` is what `inference.evaluate_run` adds for
-task.objective=seq2seq: corpus BLEU and chrF (sacrebleu, 0-100) and exact match (a fraction) of
-the detokenized hypotheses against the references, over `DataSource.eval_examples`. Sources
-without examples (synthetic data) are decoded from the validation batches instead, with token
-ids written as space-separated numbers in place of text.
+`evaluate_generation(s, params, ...)` is what `inference.evaluate_run` (and the training
+loop's evals, with train.eval_decode) add for task.objective=seq2seq: corpus BLEU and chrF
+(sacrebleu, 0-100) and exact match (a fraction) of the detokenized hypotheses against the
+references, over `DataSource.eval_examples`. Sources without examples (synthetic data) are
+decoded from the validation batches instead, with token ids written as space-separated
+numbers in place of text.
 """
 
 from __future__ import annotations
@@ -208,7 +209,10 @@ def evaluate_generation(
     """
     examples, text = validation_examples(s, num_examples, num_batches)
     if not examples:
-        raise ValueError("the validation split has no examples to decode; pass --nodecode")
+        raise ValueError(
+            "the validation split has no examples to decode; pass --nodecode to jaxlm-eval "
+            "(training: --config.train.eval_decode=0)"
+        )
     settings = BeamSettings(
         beam_size=beam_size,
         length_penalty=length_penalty,

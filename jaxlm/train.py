@@ -50,11 +50,18 @@ class Setup:
     frozen: object = None  # finetune.freeze_mask: a tree of bools like the params, or None
 
     def meta(self) -> dict:
-        meta = checkpoint_meta(self.model_cfg, self.data.tokenizer_sha256)
+        """What the parameters must agree with (the eval program restores only those)."""
+        return checkpoint_meta(self.model_cfg, self.data.tokenizer_sha256)
+
+    def state_meta(self) -> dict:
+        """meta() + what the optimizer state must agree with, for saving and resuming."""
         # Freezing changes the optimizer state's layout, so a resume must keep it; named here
         # so that changing it gives a one-line error naming the key, not a shape mismatch.
-        meta["train.freeze"] = finetune.normalized_patterns(self.config.train.freeze)
-        return meta
+        # (Patterns are compared as written, normalized for blanks: "^embed" and "embed" differ.)
+        return {
+            **self.meta(),
+            "train.freeze": finetune.normalized_patterns(self.config.train.freeze),
+        }
 
 
 def checkpoint_meta(model_cfg: TransformerConfig, tokenizer_sha256: str | None) -> dict:
@@ -272,7 +279,7 @@ def restore_or_init(s: Setup, ckpt: Checkpointer) -> dict:
             monitor.console(finetune.summary_line(report))
         return state
     monitor.console(f"resuming from checkpoint at step {latest} in {ckpt.directory}")
-    return ckpt.restore(latest, abstract_state(s), expect_meta=s.meta())
+    return ckpt.restore(latest, abstract_state(s), expect_meta=s.state_meta())
 
 
 class _Loop:
@@ -392,7 +399,7 @@ class _Loop:
         return metrics
 
     def _save(self, step: int, state) -> None:
-        self.ckpt.save(step, state, {**self.s.meta(), "step": step})
+        self.ckpt.save(step, state, {**self.s.state_meta(), "step": step})
 
     def _summary(self, step: int, final: dict) -> dict:
         out = {"step": step, **{f"eval/{k}": v for k, v in final.items()}}

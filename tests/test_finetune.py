@@ -47,7 +47,7 @@ def encoder_run(tmp_path_factory) -> str:
     train.save_config(c, workdir)
     ckpt = Checkpointer(train.checkpoint_dir(c, workdir))
     try:
-        ckpt.save(2, train.create_state(s), {**s.meta(), "step": 2})
+        ckpt.save(2, train.create_state(s), {**s.state_meta(), "step": 2})
     finally:
         ckpt.close()
     return str(workdir)
