@@ -5,17 +5,21 @@ its docstring in, the docstring's first sentence out (6,131 train / 164 validati
 the Python 3.11 standard library, split by file). T5 blocks: relative position buckets,
 RMSNorm, a GELU MLP, shared and tied embeddings; a 2,048-piece tokenizer trained on the pairs.
 
-Commands:  jaxlm-train --config experiments/t5_tiny.py --workdir runs/t5_tiny
-           jaxlm-eval --workdir runs/t5_tiny --max_batches 0           (greedy BLEU)
-           jaxlm-eval --workdir runs/t5_tiny --max_batches 0 --beam_size 4
-           python experiments/code_docstring_baselines.py              (trivial baselines)
-Hardware:  a 2-core CPU, no accelerator; 27 minutes for 1000 steps while sharing the cores with
-           other jobs (2-4k tokens/s).
-Result:    after 1000 steps (2026-11-23, jax 0.10.2), on all 164 validation pairs: target loss
-           4.65 nats, token accuracy 0.178; greedy BLEU 0.57 (chrF 14.6), beam 4 BLEU 0.53.
-           Trivial baselines (code_docstring_baselines.py): name words 0.07, a constant sentence
-           0.00, "Return the" + name words 0.60 -- this run does not beat that last one yet;
-           longer training (or span-corruption pretraining with init_from) is the next step.
+Commands:  jaxlm-train --config experiments/t5_tiny.py --workdir runs/t5_tiny   (BLEU at evals)
+           jaxlm-eval --workdir runs/t5_tiny --max_batches 0 [--step N] [--beam_size 4]
+           python experiments/code_docstring_baselines.py              (baselines)
+Hardware:  a 2-core CPU, no accelerator; ~50 minutes for 3000 steps with the cores shared.
+Result:    all 164 validation pairs, greedy decoding (2026-11-23, jax 0.10.2, sacrebleu 2.6.0):
+           3000 steps: loss 4.11, token accuracy 0.262; BLEU 0.92 @2000, 0.56 @2500, 0.87 @3000
+           (chrF 15.8, 16.1, 16.1); beam 4 @3000: BLEU 0.73. (1000 steps: loss 4.65, BLEU 0.57.)
+           Baselines: name words 0.07, "Return the" + name words 0.60, the commonest sentence 0.00;
+           retrieval (nearest train function by name words) 8.17.
+           Span-corruption pretraining on python_stdlib first (800 steps, own tokenizer with 32
+           sentinels, then --config.train.init_from=runs/t5_span, 1000 steps) lowers the loss
+           but BLEU stays at 0.38-0.91. The model barely reads its input: giving each pair
+           another function's code raises the validation loss only from 4.112 to 4.138, so
+           BLEU below 1 is the noise of a few n-gram matches; a larger model or more data is
+           needed to beat retrieval. (The synthetic copy task reaches BLEU 83 in 300 steps.)
 """
 
 from jaxlm.config import base_config
@@ -43,9 +47,10 @@ def get_config():
     c.optim.lr = 2e-3
     c.optim.warmup_steps = 50
     c.optim.weight_decay = 0.01
-    c.train.steps = 1000
+    c.train.steps = 3000
     c.train.log_every = 100
-    c.train.eval_every = 250
+    c.train.eval_every = 500
     c.train.eval_steps = 0  # the whole validation split
-    c.train.checkpoint_every = 250
+    c.train.eval_decode = 164  # decode all of it for BLEU at every eval
+    c.train.checkpoint_every = 500
     return c
