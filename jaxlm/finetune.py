@@ -210,8 +210,11 @@ def normalized_patterns(patterns: str) -> str:
 
 
 def trained_only(tree, frozen) -> list:
-    """The leaves of `tree` whose `frozen` mask leaf is False."""
-    return [x for x, f in zip(jax.tree.leaves(tree), jax.tree.leaves(frozen), strict=True) if not f]
+    """The leaves of `tree` whose `frozen` mask leaf is False (all of them when frozen is None)."""
+    leaves = jax.tree.leaves(tree)
+    if frozen is None:
+        return leaves
+    return [x for x, f in zip(leaves, jax.tree.leaves(frozen), strict=True) if not f]
 
 
 def freeze_mask(abstract_params, patterns: str):

@@ -29,7 +29,7 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlm import sharding, text_metrics
-from jaxlm.data import synthetic
+from jaxlm.data import spans, synthetic
 from jaxlm.generate import BeamSettings, SamplingSettings, make_beam_search, make_seq2seq_generate
 from jaxlm.tasks import DECODER_START_ID
 
@@ -92,16 +92,14 @@ def padded_sources(sources: Sequence[np.ndarray], width: int):
     A source longer than `width` keeps its first width - 1 tokens and its last one (the EOS
     every input ends with), as the model was trained on inputs of at most `width` tokens.
     """
-    ids = np.zeros((len(sources), width), np.int32)
-    lengths = np.zeros(len(sources), np.int32)
+    cut = []
     for i, src in enumerate(sources):
         src = np.asarray(src, np.int32).reshape(-1)
         if src.size == 0:
             raise ValueError(f"example {i} has an empty input: inputs hold at least their EOS")
-        if src.size > width:
-            src = np.append(src[: width - 1], src[-1])
-        ids[i, : src.size], lengths[i] = src, src.size
-    return ids, lengths
+        cut.append(np.append(src[: width - 1], src[-1]) if src.size > width else src)
+    ids, segment_ids = spans.padded(cut, width)
+    return ids, segment_ids.sum(axis=1).astype(np.int32)
 
 
 def strip_output(tokens: Sequence[int], eos_id: int, pad_id: int) -> list[int]:
@@ -119,8 +117,8 @@ def strip_output(tokens: Sequence[int], eos_id: int, pad_id: int) -> list[int]:
 def decode_ids(s, params, sources: Sequence[np.ndarray], settings: BeamSettings) -> list:
     """Decoded ids of each source (EOS included in the source), cut before EOS.
 
-    `s` is a `train.Setup` or anything with .graphdef, .mesh and .config (data.batch_size,
-    data.seq_len, mesh.rules).
+    `s` is a `train.Setup` or anything with .graphdef, .mesh, .batch_sharding and .config
+    (data.batch_size, data.seq_len, mesh.rules).
     """
     settings.check()
     config, mesh = s.config, s.mesh
@@ -128,11 +126,7 @@ def decode_ids(s, params, sources: Sequence[np.ndarray], settings: BeamSettings)
     rules = tuple(tuple(r) for r in config.mesh.rules)
     fn = _compiled(s.graphdef, mesh, rules, settings)
     ids, lengths = padded_sources(sources, width)
-    # Rows split over the batch axes as in training (data.batch_size divides them); a batch
-    # that does not divide is replicated instead.
-    shards = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES if a in mesh.shape]))
-    spec = PartitionSpec(sharding.BATCH_AXES) if batch % shards == 0 else PartitionSpec()
-    row_sh = NamedSharding(mesh, spec)
+    row_sh = s.batch_sharding  # rows split over the batch axes as in training
     out = []
     with sharding.use_rules(mesh, rules):
         for start in range(0, len(ids), batch):

@@ -151,7 +151,6 @@ def _microbatches(batch: dict, n: int, batch_sh: NamedSharding) -> dict:
 def make_train_step(s: Setup):
     """jit(train_step) with explicit in/out shardings and the state donated."""
     graphdef, tx, n_micro = s.graphdef, s.tx, s.config.optim.grad_accum_steps
-    trained = (lambda g: g) if s.frozen is None else (lambda g: finetune.trained_only(g, s.frozen))
     base_key = jax.random.fold_in(jax.random.key(s.config.train.seed), 2)
     loss_sums = s.objective.loss_sums
 
@@ -190,7 +189,7 @@ def make_train_step(s: Setup):
         }
         metrics = {
             "loss": sums["nll"] / tokens,
-            "grad_norm": optax.global_norm(trained(grads)),  # what clipping sees
+            "grad_norm": optax.global_norm(finetune.trained_only(grads, s.frozen)),  # as clipped
             "tokens": tokens,
         }
         return new_state, metrics

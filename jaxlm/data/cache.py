@@ -63,12 +63,17 @@ def files_of(manifest: dict) -> list[str]:
     return names
 
 
+def token_dtype(vocab_size: int):
+    """The id dtype on disk: uint16 for vocabularies up to 65536 (half the bytes), else int32."""
+    return np.uint16 if vocab_size <= 1 << 16 else np.int32
+
+
 class ShardWriter:
     """Appends tokenized documents (eos added) to one split, cutting shards at document ends."""
 
     def __init__(self, directory: str, split: str, vocab_size: int, eos_id: int, shard_tokens: int):
         self.directory, self.split, self.eos_id = directory, split, eos_id
-        self.dtype = np.uint16 if vocab_size <= 1 << 16 else np.int32
+        self.dtype = token_dtype(vocab_size)
         self.shard_tokens = shard_tokens
         self.shards: list[dict] = []
         self._parts: list[np.ndarray] = []

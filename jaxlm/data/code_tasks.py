@@ -35,8 +35,8 @@ from typing import NamedTuple
 
 from jaxlm.data import corpus
 
-# The pretraining corpus's split (stdlib_builder.VALIDATION_PERCENT), fixed so tasks match it.
-VALIDATION_PERCENT = 5.0
+# The pretraining corpus's file split, so tasks match it.
+VALIDATION_PERCENT = corpus.VALIDATION_PERCENT
 MAX_CODE_CHARS = 2000
 MAX_DOCSTRING_CHARS = 200
 MIN_DOCSTRING_WORDS = 3

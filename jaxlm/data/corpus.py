@@ -14,6 +14,9 @@ from collections.abc import Iterator
 _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages"})
 # Test code is excluded: it is huge, repetitive and full of deliberately odd inputs.
 _TEST_DIRS = frozenset({"test", "tests", "idle_test"})
+# Files whose path hash falls in this percentage are validation: the python_stdlib corpus and
+# the tasks cut from it (code_tasks) share the split, so no validation file is ever trained on.
+VALIDATION_PERCENT = 5.0
 
 
 def config_name() -> str:
@@ -76,7 +79,9 @@ def split_of(relpath: str, validation_percent: float) -> str:
     return "validation" if bucket < validation_percent * 100 else "train"
 
 
-def iter_split(split: str, validation_percent: float = 5.0) -> Iterator[tuple[str, str]]:
+def iter_split(
+    split: str, validation_percent: float = VALIDATION_PERCENT
+) -> Iterator[tuple[str, str]]:
     """Yield (relpath, text) of the split's files in sorted path order."""
     if split not in ("train", "validation"):
         raise ValueError(f"unknown split {split!r}; expected 'train' or 'validation'")
@@ -88,6 +93,6 @@ def iter_split(split: str, validation_percent: float = 5.0) -> Iterator[tuple[st
             yield rel, text
 
 
-def read_split(split: str, validation_percent: float = 5.0) -> list[str]:
+def read_split(split: str, validation_percent: float = VALIDATION_PERCENT) -> list[str]:
     """The texts of a split, in sorted path order."""
     return [text for _, text in iter_split(split, validation_percent)]

@@ -33,13 +33,12 @@ import itertools
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from jaxlm import monitor
-from jaxlm.data import readers, source, storage
+from jaxlm.data import cache, prepare, readers, source, storage
 from jaxlm.data.clean import CleanConfig, Cleaner
 from jaxlm.data.readers import DataError, ReadOptions, SourceSpec
 
@@ -267,21 +266,15 @@ def _chunks(
 
 
 def _encoded(chunks: Iterable[tuple[list[str], list]], tok, seq2seq: bool) -> Iterator[tuple]:
-    """(inputs, others, input ids, target ids or None) per chunk. SentencePiece encodes on all
-    cores without the GIL while this thread reads and cleans the next chunk."""
+    """(inputs, others, input ids, target ids or None) per chunk, encoded in a worker thread
+    while the next chunk is read and cleaned (prepare.overlapped)."""
 
-    def encode(inputs: list[str], others: list) -> tuple:
+    def encode(chunk: tuple[list[str], list]) -> tuple:
+        inputs, others = chunk
         return tok.encode_batch(inputs), tok.encode_batch(others) if seq2seq else None
 
-    with ThreadPoolExecutor(1) as pool:
-        pending = None
-        for chunk in chunks:
-            job = (chunk, pool.submit(encode, *chunk))
-            if pending is not None:
-                yield *pending[0], *pending[1].result()
-            pending = job
-        if pending is not None:
-            yield *pending[0], *pending[1].result()
+    for chunk, ids in prepare.overlapped(chunks, encode):
+        yield *chunk, *ids
 
 
 class _RaggedWriter:
@@ -310,7 +303,7 @@ def _build_split(
     spec, split, directory: Path, tok, opts, fields: Fields, clean_cfg, num_classes, log
 ) -> dict:
     """Read, clean and tokenize one split into the directory; its manifest entry."""
-    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.int32
+    dtype = cache.token_dtype(tok.vocab_size)
     inputs_out, targets_out = _RaggedWriter(dtype), _RaggedWriter(dtype)
     labels, texts, dropped, kept = [], [], [0], 0
     records = _records(spec, split, opts, fields, num_classes)

@@ -78,10 +78,19 @@ def _chunks(texts: Iterable[str], max_chars: int) -> Iterator[list[str]]:
 
 def tokenized(texts: Iterable[str], tok: Tokenizer) -> Iterator[tuple[list[str], list[list[int]]]]:
     """(texts, ids) chunk by chunk; the next chunk is read while this one is encoded."""
+    return overlapped(_chunks(texts, _CHUNK_CHARS), tok.encode_batch)
+
+
+def overlapped(items: Iterable, fn: Callable) -> Iterator[tuple]:
+    """(item, fn(item)) in order, fn running in a worker thread while the next item is read.
+
+    SentencePiece's batch encoding releases the GIL, so reading and cleaning the next chunk
+    overlaps with encoding this one.
+    """
     with ThreadPoolExecutor(1) as pool:
         pending = None
-        for chunk in _chunks(texts, _CHUNK_CHARS):
-            job = (chunk, pool.submit(tok.encode_batch, chunk))
+        for item in items:
+            job = (item, pool.submit(fn, item))
             if pending is not None:
                 yield pending[0], pending[1].result()
             pending = job

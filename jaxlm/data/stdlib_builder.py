@@ -14,8 +14,8 @@ from etils import epath
 
 from jaxlm.data import corpus
 
-# Fixed here (not configurable) so the prepared dataset on disk always means the same split.
-VALIDATION_PERCENT = 5.0
+# Fixed (corpus.py, not configurable) so the prepared dataset on disk always means one split.
+VALIDATION_PERCENT = corpus.VALIDATION_PERCENT
 
 
 class PythonStdlib(tfds.core.GeneratorBasedBuilder):
