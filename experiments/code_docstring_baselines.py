@@ -8,7 +8,9 @@ corpus BLEU that jaxlm-eval reports. Trivial ones: the function name split into 
 docstring opening), and the most frequent first sentence of the train split for every function.
 One retrieval baseline, not trivial: the docstring of the train function whose name words
 overlap most (Jaccard) with this one's -- the standard library repeats names across files
-(close, __repr__, ...), which a nearest-neighbour lookup exploits.
+(close, __repr__, ...), which a nearest-neighbour lookup exploits: 12 of the 164 validation
+docstrings occur verbatim in the train split (ntpath/posixpath twins and the like), and
+retrieval reproduces 11 of them exactly; without those 12 pairs it scores 3.58.
 """
 
 from __future__ import annotations
@@ -46,7 +48,12 @@ def main() -> None:
         "nearest train docstring by name words (retrieval)": [nearest(ex["name"]) for ex in valid],
     }
     for label, hyps in baselines.items():
-        record = {"baseline": label, "bleu": text_metrics.bleu(hyps, refs), "examples": len(refs)}
+        record = {
+            "baseline": label,
+            "bleu": text_metrics.bleu(hyps, refs),
+            "exact_match": text_metrics.exact_match(hyps, refs),
+            "examples": len(refs),
+        }
         print(json.dumps(record))
 
 

@@ -58,7 +58,7 @@ OBJECTIVE_FAMILY = {
     "lm": ("decoder",),
     "mlm": ("encoder",),
     "span_corruption": ("encoder_decoder",),
-    "seq2seq": ("encoder_decoder",),
+    "seq2seq": ("encoder_decoder", "decoder"),  # on a decoder: a prefix LM (input, EOS, target)
     "classify": ("encoder", "decoder"),
 }
 # Objectives that read labelled examples (data.input_key/target_key/label_key), not documents.
@@ -319,11 +319,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"model.num_heads={m.num_heads} is not a multiple of model.num_kv_heads={kv}"
         )
-    if m.positions == "learned" and config.data.seq_len > m.max_len:
-        raise ConfigError(
-            f"data.seq_len={config.data.seq_len} exceeds model.max_len={m.max_len}; "
-            "raise model.max_len"
-        )
+    longest, what = config.data.seq_len, f"data.seq_len={config.data.seq_len}"
+    if m.family == "decoder" and config.task.objective == "seq2seq":  # input and target, one row
+        longest += config.data.target_len
+        what += f" + data.target_len={config.data.target_len}"
+    if m.positions == "learned" and longest > m.max_len:
+        raise ConfigError(f"{what} exceeds model.max_len={m.max_len}; raise model.max_len")
     for key in ("model.num_decoder_layers", "model.num_classes"):
         if _get(config, key) < 0:
             raise ConfigError(f"config key {key!r} must be >= 0, got {_get(config, key)}")

@@ -29,14 +29,10 @@ _STEP = re.compile(r"^(?P<workdir>.*):(?P<step>[^:/]*)$")
 _SHOWN = 5  # parameters named in one error or summary line before "(+N more)"
 
 
-def slash_path(path) -> str:
-    """'blocks/0/attn/query/kernel' for a jax key path (dict keys, list indices)."""
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
-
-
 def flat_params(tree) -> dict:
-    """{slash path: leaf} of a parameter tree."""
-    return {slash_path(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    """{path name: leaf} of a parameter tree."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {sharding.path_name(p): leaf for p, leaf in leaves}
 
 
 def _listing(names, limit: int = _SHOWN) -> str:
@@ -158,7 +154,7 @@ def load_pretrained(
         mesh = meshes[0].mesh
         is_axes = lambda x: isinstance(x, tuple)  # noqa: E731
         flat_axes = {
-            slash_path(p): a
+            sharding.path_name(p): a
             for p, a in jax.tree_util.tree_flatten_with_path(src_axes, is_leaf=is_axes)[0]
         }
         targets = {}
@@ -170,14 +166,14 @@ def load_pretrained(
                 sh = _restore_sharding(leaf, flat_axes[name], mesh, rules)
                 targets[name] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sh)
         abstract = jax.tree_util.tree_map_with_path(
-            lambda p, _: targets[slash_path(p)], src_abstract
+            lambda p, _: targets[sharding.path_name(p)], src_abstract
         )
         restored = flat_params(_prefixed(key, ckpt.restore_params, step, abstract))
     finally:
         ckpt.close()
 
     def pick(path, fresh):
-        name = slash_path(path)
+        name = sharding.path_name(path)
         return restored[name].astype(fresh.dtype) if name in restored else fresh
 
     merged = jax.tree_util.tree_map_with_path(pick, params)
@@ -239,7 +235,7 @@ def freeze_mask(abstract_params, patterns: str):
                 f"{_listing(names, 4)}"
             )
     mask = jax.tree_util.tree_map_with_path(
-        lambda p, _: any(rx.search(slash_path(p)) for _, rx in regexes), abstract_params
+        lambda p, _: any(rx.search(sharding.path_name(p)) for _, rx in regexes), abstract_params
     )
     if all(jax.tree.leaves(mask)):
         raise ConfigError(

@@ -240,10 +240,42 @@ def make_beam_search(graphdef: nnx.GraphDef, settings: BeamSettings, *, start_id
     return jax.jit(search)
 
 
-def beam_search(step, reorder, cache, batch: int, start_id: int, s: BeamSettings):
+def make_prefix_beam_search(graphdef: nnx.GraphDef, settings: BeamSettings):
+    """jit(fn(params, prompts_BP, lengths_B) -> (tokens_BWN, scores_BW, lengths_BW)).
+
+    For a decoder-only model continuing right-padded prompts (a prefix LM's inputs, which end
+    with the EOS that separates input from output); the rest as `make_beam_search`.
+    """
+    settings.check()
+    w, n = settings.beam_size, settings.max_new_tokens
+
+    def search(params, prompts_BP, lengths_B):
+        model = nnx.merge(graphdef, params)
+        b, p = prompts_BP.shape
+        prompts_RP, lengths_R = jnp.repeat(prompts_BP, w, axis=0), jnp.repeat(lengths_B, w)
+        cache = model.init_cache(b * w, p + n)
+        _, cache = model.decode(prompts_RP, cache, jnp.zeros((b * w,), jnp.int32))
+
+        def step(tokens_R, i, cache):
+            # Step 0 feeds each prompt's last token again (rewriting its cached K/V), so its
+            # logits start the search; step i's token sits at position length - 1 + i.
+            logits_R1V, cache = model.decode(tokens_R[:, None], cache, lengths_R - 1 + i)
+            return logits_R1V[:, 0], cache
+
+        def reorder(cache, rows_R):
+            return jax.tree.map(lambda x: x[rows_R], cache)
+
+        last_B = jnp.take_along_axis(prompts_BP, (lengths_B - 1)[:, None], axis=1)[:, 0]
+        return beam_search(step, reorder, cache, b, last_B, settings)
+
+    return jax.jit(search)
+
+
+def beam_search(step, reorder, cache, batch: int, start_id, s: BeamSettings):
     """The compiled beam loop over any decoder (R = B * W rows).
 
-    step(tokens_R, i, cache) -> (logits_RV, cache) feeds the token at position i;
+    step(tokens_R, i, cache) -> (logits_RV, cache) feeds the token at position i (first
+    `start_id`: one id, or one per row [B]);
     reorder(cache, rows_R) gathers cache rows after beams are re-chosen. Each step keeps the
     2W best extensions, so W of them survive even if W emit EOS; ended ones join the W best
     finished hypotheses. The loop stops early once no live beam can beat the worst finished one.
@@ -287,7 +319,7 @@ def beam_search(step, reorder, cache, batch: int, start_id: int, s: BeamSettings
 
     alive_logp_BW = jnp.where(jnp.arange(w) == 0, 0.0, neg) * jnp.ones((b, 1))
     seq_BWN = jnp.full((b, w, n), s.pad_id, jnp.int32)
-    last_BW = jnp.full((b, w), start_id, jnp.int32)
+    last_BW = jnp.broadcast_to(jnp.asarray(start_id, jnp.int32).reshape(-1, 1), (b, w))
     state = (jnp.int32(0), last_BW, seq_BWN, alive_logp_BW, seq_BWN, jnp.full((b, w), neg), cache)
     steps, _, alive_seq_BWN, alive_logp_BW, fin_seq_BWN, fin_score_BW, _ = jax.lax.while_loop(
         cond, body, state

@@ -153,7 +153,8 @@ class LanguageModel:
     @property
     def context_len(self) -> int:
         """Longest prompt plus continuation: the length the model was trained on."""
-        return self.config.data.seq_len
+        d = self.config.data
+        return d.seq_len + d.target_len if self.config.task.objective == "seq2seq" else d.seq_len
 
     @property
     def model(self) -> nnx.Module:
@@ -171,6 +172,11 @@ class LanguageModel:
         if self.tokenizer is None:
             raise ValueError("this run has no tokenizer.model (synthetic data): pass token ids")
         return self.tokenizer.encode(text)
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """A prompt's ids; a prefix LM (task.objective=seq2seq) was trained on input + EOS."""
+        ids = self.encode(text)
+        return ids + [self.tokenizer.eos_id] if self.config.task.objective == "seq2seq" else ids
 
     def score(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Log-prob of each token of each text given the tokens before it (the first has none)."""
@@ -268,7 +274,7 @@ class LanguageModel:
         settings = self.sampling_settings(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p
         )
-        prompt_ids = [self.encode(p) for p in prompts]
+        prompt_ids = [self.prompt_ids(p) for p in prompts]
         ids = self.generate_ids(prompt_ids, settings, seed=seed, on_tokens=on_tokens)
         return [
             self.continuation(p, [t for t in x if t != settings.eos_id])

@@ -156,6 +156,26 @@ def shift_right(targets_BT: jax.Array, start_id: int, segment_ids_BT: jax.Array 
     return jnp.where(prev_seg_BT == segment_ids_BT, prev_BT, start_id)
 
 
+def prefix_lm_rows(inputs_BS, input_segment_ids_BS, targets_BT, target_segment_ids_BT):
+    """One causal row per seq2seq example for a decoder-only model: (tokens, segment ids,
+    positions), each [B, S + T].
+
+    The right-padded input is rotated so that its padding comes first and its last token (the
+    EOS that separates input from output) sits in column S - 1, right before the targets. The
+    padding gets segment id 0, so real tokens never attend to it, and positions count from the
+    first real token: the row is exactly what generation sees when it is prompted with the input.
+    """
+    s = inputs_BS.shape[1]
+    lengths_B = jnp.sum(input_segment_ids_BS > 0, axis=1)
+    index_BS = (jnp.arange(s)[None, :] + lengths_B[:, None]) % s
+    inputs_BS = jnp.take_along_axis(inputs_BS, index_BS, axis=1)
+    input_seg_BS = jnp.take_along_axis(input_segment_ids_BS, index_BS, axis=1)
+    tokens = jnp.concatenate([inputs_BS, targets_BT], axis=1)
+    real = jnp.concatenate([input_seg_BS > 0, target_segment_ids_BT > 0], axis=1)
+    positions = jnp.maximum(jnp.cumsum(real, axis=1) - 1, 0).astype(jnp.int32)
+    return tokens, real.astype(jnp.int32), positions
+
+
 # --- Metric sums -------------------------------------------------------------------------------
 
 

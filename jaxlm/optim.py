@@ -34,7 +34,7 @@ def weight_decay_mask(params, optim):
 
     def decays(path, leaf) -> bool:
         name = path_name(path)
-        parts = name.split(".")
+        parts = name.split("/")
         if any(p.endswith("norm") for p in parts):
             return optim.decay_norms
         if parts[0] in ("embed", "pos_embed"):

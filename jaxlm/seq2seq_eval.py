@@ -5,6 +5,8 @@ data.batch_size (the last one filled with one-token rows), each source right-pad
 data.seq_len, so every batch shares one compiled loop per `BeamSettings` (cached across
 calls). beam_size 1 is greedy argmax decoding (`generate.make_seq2seq_generate`); more beams
 run `generate.make_beam_search` with its GNMT length penalty and keep the best hypothesis.
+A decoder trained on seq2seq (a prefix LM) continues each source as its prompt instead
+(`generate.make_generate`, `generate.make_prefix_beam_search`).
 Outputs are cut before the first EOS, with padding dropped. Rows are split over the mesh's
 batch axes like training batches; the outputs come back replicated, so every process of a
 multi-process run gets all of them.
@@ -30,7 +32,14 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlm import sharding, text_metrics
 from jaxlm.data import spans, synthetic
-from jaxlm.generate import BeamSettings, SamplingSettings, make_beam_search, make_seq2seq_generate
+from jaxlm.generate import (
+    BeamSettings,
+    SamplingSettings,
+    make_beam_search,
+    make_generate,
+    make_prefix_beam_search,
+    make_seq2seq_generate,
+)
 from jaxlm.tasks import DECODER_START_ID
 
 SAMPLES_FILE = "eval_samples.jsonl"
@@ -50,35 +59,35 @@ class IdText:
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(graphdef, mesh, rules: tuple, settings: BeamSettings):
+def _compiled(graphdef, mesh, rules: tuple, settings: BeamSettings, prefix_lm: bool):
     """jit(fn(params, sources_BS, lengths_B) -> tokens_BN), outputs replicated.
 
-    Cached per (model, mesh, rules, settings): the rules are read while tracing, so a
-    function traced under one set must not serve another.
+    A prefix LM (a decoder trained on seq2seq) continues the sources as prompts; an
+    encoder-decoder encodes them. Cached per (model, mesh, rules, settings): the rules are
+    read while tracing, so a function traced under one set must not serve another.
     """
     del rules  # part of the cache key only
     if settings.beam_size == 1:
-        generate = make_seq2seq_generate(
-            graphdef,
-            SamplingSettings(
-                max_new_tokens=settings.max_new_tokens,
-                temperature=0.0,
-                eos_id=settings.eos_id,
-                pad_id=settings.pad_id,
-            ),
-            start_id=DECODER_START_ID,
+        greedy = SamplingSettings(
+            max_new_tokens=settings.max_new_tokens,
+            temperature=0.0,
+            eos_id=settings.eos_id,
+            pad_id=settings.pad_id,
         )
+        if prefix_lm:
+            generate = make_generate(graphdef, greedy)
+        else:
+            generate = make_seq2seq_generate(graphdef, greedy, start_id=DECODER_START_ID)
 
         def run(params, sources_BS, lengths_B):
             # Greedy decoding draws no randomness; the key only fills the signature.
             return generate(params, sources_BS, lengths_B, jax.random.key(0))[0]
 
     else:
-        search = make_beam_search(
-            graphdef,
-            settings,
-            start_id=DECODER_START_ID,
-        )
+        if prefix_lm:
+            search = make_prefix_beam_search(graphdef, settings)
+        else:
+            search = make_beam_search(graphdef, settings, start_id=DECODER_START_ID)
 
         def run(params, sources_BS, lengths_B):
             return search(params, sources_BS, lengths_B)[0][:, 0]  # the best hypothesis
@@ -124,7 +133,7 @@ def decode_ids(s, params, sources: Sequence[np.ndarray], settings: BeamSettings)
     config, mesh = s.config, s.mesh
     batch, width = config.data.batch_size, config.data.seq_len
     rules = tuple(tuple(r) for r in config.mesh.rules)
-    fn = _compiled(s.graphdef, mesh, rules, settings)
+    fn = _compiled(s.graphdef, mesh, rules, settings, config.model.family == "decoder")
     ids, lengths = padded_sources(sources, width)
     row_sh = s.batch_sharding  # rows split over the batch axes as in training
     out = []

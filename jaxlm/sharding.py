@@ -188,11 +188,11 @@ def _divides(shape, spec: PartitionSpec, mesh: Mesh) -> bool:
 
 
 def path_name(path) -> str:
-    """'blocks.0.attn.query.kernel' for a jax key path."""
-    parts = []
-    for key in path:
-        parts.append(str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key)))))
-    return ".".join(parts)
+    """'blocks/0/attn/query/kernel' for a jax key path (dict keys, list indices, attributes).
+
+    The one way parameters are named to users: in errors, init_from and train.freeze patterns.
+    """
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
 def param_shardings(abstract_params, axes_tree, mesh: Mesh, rules):
@@ -227,7 +227,7 @@ def state_shardings(abstract_tree, params_shardings, mesh: Mesh):
     def one(path, leaf):
         name = path_name(path)
         for suffix, sh in by_path.items():
-            if (name == suffix or name.endswith("." + suffix)) and len(sh.spec) <= leaf.ndim:
+            if (name == suffix or name.endswith("/" + suffix)) and len(sh.spec) <= leaf.ndim:
                 return sh
         return replicated
 

@@ -13,6 +13,9 @@ mlm: BERT masking of the batch's inputs, on device: in training the key comes fr
 seq2seq, span_corruption: teacher-forced targets given the encoder inputs (encoder_decoder
      family); the batches differ (labelled pairs, or T5-corrupted text from jaxlm/data/spans.py),
      the objective is one. The decoder starts from DECODER_START_ID, as in T5.
+seq2seq on a decoder: a prefix LM (supervised fine-tuning of a GPT-style model): input, EOS and
+     target in one causal row (objectives.prefix_lm_rows), the loss on the target tokens only;
+     the same batches as the encoder-decoder, so data, metrics and decoding are shared.
 classify: cross-entropy of the pooled class logits (encoder: first token or mean; decoder: last
      real token), optionally class-weighted; "tokens" holds the summed example weights.
 """
@@ -49,6 +52,8 @@ def make_objective(config, data: DataSource) -> Objective:
     objective = config.task.objective
     if objective == "mlm":
         return _masked_lm(config.task, data)
+    if objective == "seq2seq" and config.model.family == "decoder":
+        return _prefix_lm()
     if objective in ("seq2seq", "span_corruption"):
         return _seq2seq(objective)
     if objective == "classify":
@@ -122,6 +127,26 @@ def _seq2seq(name: str) -> Objective:
         return objectives.token_sums(logits, batch["targets"], batch["loss_mask"])
 
     return Objective(name, sums, _without_randomness(sums), objectives.finish_tokens)
+
+
+def _prefix_lm() -> Objective:
+    def sums(model, batch, dropout_key):
+        b = batch
+        tokens, segment_ids, positions = objectives.prefix_lm_rows(
+            b["inputs"], b["input_segment_ids"], b["targets"], b["target_segment_ids"]
+        )
+        hidden = model.hidden(
+            tokens[:, :-1],
+            positions_BT=positions[:, :-1],
+            segment_ids_BT=segment_ids[:, :-1],
+            dropout_key=dropout_key,
+        )
+        # Column S - 1 (the input's EOS) predicts the first target: project only the targets'.
+        s = batch["inputs"].shape[1]
+        logits = model.logits(hidden[:, s - 1 :])
+        return objectives.token_sums(logits, batch["targets"], batch["loss_mask"])
+
+    return Objective("seq2seq", sums, _without_randomness(sums), objectives.finish_tokens)
 
 
 def _classify(class_weights) -> Objective:

@@ -18,6 +18,7 @@ from jaxlm.inference import evaluate_run
 FAMILIES = [
     ("span_corruption", "encoder_decoder"),
     ("seq2seq", "encoder_decoder"),
+    ("seq2seq", "decoder"),  # a prefix LM
     ("classify", "encoder"),
     ("classify", "decoder"),
 ]

@@ -89,7 +89,7 @@ def test_model_dim_not_divisible_is_a_clear_error(tmp_path):
     c.mesh.data, c.mesh.tensor = 1, 8
     with pytest.raises(
         sharding.ShardingError,
-        match="parameter blocks.0.attn.key.kernel .* axis 'kv_heads' of size 2 does not divide",
+        match="parameter blocks/0/attn/key/kernel .* axis 'kv_heads' of size 2 does not divide",
     ):
         train.setup(c, tmp_path)
 

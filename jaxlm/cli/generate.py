@@ -51,7 +51,7 @@ class Streamer:
     """
 
     def __init__(self, lm, prompt: str):
-        self.lm, self.prompt_ids, self.eos_id = lm, lm.encode(prompt), lm.tokenizer.eos_id
+        self.lm, self.prompt_ids, self.eos_id = lm, lm.prompt_ids(prompt), lm.tokenizer.eos_id
         self.by_step: dict[int, int] = {}
         self.ids: list[int] = []
         self.shown, self.done = "", False

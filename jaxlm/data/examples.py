@@ -80,12 +80,7 @@ class ExampleData:
             return spans.seq2seq_batch(
                 inputs, input_seg, *split.targets.rows(index, d.target_len, eos)
             )
-        return {
-            "inputs": inputs,
-            "segment_ids": input_seg,
-            "labels": split.labels[index].astype(np.int32),
-            "example_mask": np.ones(len(index), np.float32),
-        }
+        return spans.classify_batch(inputs, input_seg, split.labels[index])
 
     def train_batch(self, step: int, process_index=None, process_count=None) -> dict:
         """This process's rows of the global batch at `step` (a keyed permutation per epoch)."""

@@ -60,6 +60,16 @@ def seq2seq_batch(inputs, input_segment_ids, targets, target_segment_ids) -> dic
     }
 
 
+def classify_batch(inputs, segment_ids, labels) -> dict:
+    """The classification batch of padded input rows and their labels: every row counts."""
+    return {
+        "inputs": inputs,
+        "segment_ids": segment_ids,
+        "labels": np.asarray(labels, np.int32),
+        "example_mask": np.ones(len(inputs), np.float32),
+    }
+
+
 def padded(seqs: Sequence[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids [n, width] right-padded with 0, segment ids: 1 on tokens, 0 on padding)."""
     ids = np.zeros((len(seqs), width), np.int32)

@@ -114,12 +114,6 @@ def _classify(config, vocab: int):
     def global_batch(step: int) -> dict:
         tokens, lengths = _chains(step, config, vocab, d.seq_len - 1)
         rows = [np.append(row[:n], EOS_ID) for row, n in zip(tokens, lengths, strict=True)]
-        inputs, seg = spans.padded(rows, d.seq_len)
-        return {
-            "inputs": inputs,
-            "segment_ids": seg,
-            "labels": (tokens[:, 0] % classes).astype(np.int32),
-            "example_mask": np.ones(d.batch_size, np.float32),
-        }
+        return spans.classify_batch(*spans.padded(rows, d.seq_len), tokens[:, 0] % classes)
 
     return global_batch, {}
