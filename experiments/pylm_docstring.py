@@ -15,7 +15,16 @@ Commands:  jaxlm-train --config experiments/pylm_tiny.py --workdir runs/pylm_lon
                --prompt 'def is_empty(self):\\n    return not self.items\\n'
            python experiments/code_docstring_baselines.py              (baselines)
 Hardware:  a 2-core CPU, no accelerator.
-Result:    see README's benchmark table (BLEU on all 164 validation pairs, greedy).
+Wall time: about 30 minutes for 1500 steps (lr 1e-3, dropout 0).
+Result:    all 164 validation pairs (2026-11-23, jax 0.10.2, sacrebleu 2.6.0): greedy BLEU
+           0.93 / 1.25 / 1.24 at steps 500 / 1000 / 1500 (chrF 15.8 / 17.2 / 17.6, validation
+           loss 3.41 / 3.54 / 3.72); beam 4: 0.93 @1000, 1.68 @1500. The same model from
+           scratch (--config.train.init_from= --config.data.tokenizer=runs/pylm_long/
+           tokenizer.model): BLEU 0.38 / 0.73 / 0.72, loss 4.13 / 3.97 / 4.05. Baselines
+           (experiments/code_docstring_baselines.py): "Return the" + the name's words 0.60,
+           the name's words 0.07, pylm_tiny zero-shot (def line + triple quote) 0.46; copying
+           the docstring of the most similar training function (retrieval) 8.17, 3.58 without
+           the 12 validation docstrings that occur verbatim in train.
 """
 
 from pathlib import Path

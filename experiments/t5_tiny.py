@@ -21,6 +21,11 @@ Result:    all 164 validation pairs, greedy decoding (2026-11-23, jax 0.10.2, sa
            a neighbouring function's (same file), 4.193 with another file's, 4.293 with none;
            BLEU below 1 is a few n-gram matches, and beating retrieval needs a larger model or
            more data. (The synthetic copy task reaches BLEU 83 in 300 steps.)
+           Inputs cut to 64 tokens (--config.data.seq_len=64, 6000 steps): with dropout 0.1,
+           BLEU 0.25 / 0.84 / 0.80 at steps 1000 / 2000 / 3000 (loss 4.08); without dropout the
+           model memorizes the train pairs (train loss 0.58, validation loss 4.33 @2000 rising
+           to 6.38) and BLEU is 0.32 / 0.53 / 1.27 / 0.78 / 0.71 / 0.75 at steps 1000-6000.
+           pylm_tiny fine-tuned as a prefix LM does better (experiments/pylm_docstring.py).
 """
 
 from jaxlm.config import base_config

@@ -17,6 +17,7 @@ import flax
 import jax
 import numpy as np
 
+from jaxlm import config as config_lib
 from jaxlm import evaluate, sharding, train
 from jaxlm.data import feed
 
@@ -55,9 +56,9 @@ def benchmark(config, steps: int = 20, warmup: int = 3, chunks: int = 4) -> dict
             jax.block_until_ready(metrics)
             chunk_ms.append(1e3 * (time.perf_counter() - t0) / per_chunk)
     step_ms = statistics.median(chunk_ms)
-    tokens = config.data.batch_size * config.data.seq_len
-    tok_s = tokens / (step_ms / 1e3)
-    flops = evaluate.flops_per_token(s.model_cfg, config.data.seq_len)
+    row = config_lib.row_len(config)
+    tok_s = config.data.batch_size * row / (step_ms / 1e3)
+    flops = evaluate.flops_per_token(s.model_cfg, row)
     peak = evaluate.peak_tflops(jax.devices()[0].device_kind, config.train.peak_tflops)
     tflops_per_device = tok_s * flops / 1e12 / s.mesh.size
     return {
@@ -91,10 +92,10 @@ def decode_benchmark(
     """
     from jaxlm.generate import SamplingSettings, make_generate
 
-    if prompt_len + new_tokens > config.data.seq_len:
+    if prompt_len + new_tokens > (row := config_lib.row_len(config)):
         raise ValueError(
-            f"prompt_len {prompt_len} + new_tokens {new_tokens} exceeds data.seq_len "
-            f"{config.data.seq_len}; lower them or raise --config.data.seq_len"
+            f"prompt_len {prompt_len} + new_tokens {new_tokens} exceeds the {row} tokens the "
+            "model was trained on; lower them or raise --config.data.seq_len"
         )
     config.data.source = "synthetic"
     config.mesh.rules = sharding.replicated_batch_rules(config.mesh.rules)

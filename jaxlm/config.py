@@ -319,9 +319,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"model.num_heads={m.num_heads} is not a multiple of model.num_kv_heads={kv}"
         )
-    longest, what = config.data.seq_len, f"data.seq_len={config.data.seq_len}"
-    if m.family == "decoder" and config.task.objective == "seq2seq":  # input and target, one row
-        longest += config.data.target_len
+    longest, what = row_len(config), f"data.seq_len={config.data.seq_len}"
+    if longest > config.data.seq_len:
         what += f" + data.target_len={config.data.target_len}"
     if m.positions == "learned" and longest > m.max_len:
         raise ConfigError(f"{what} exceeds model.max_len={m.max_len}; raise model.max_len")
@@ -335,6 +334,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"data.batch_size={config.data.batch_size} is not divisible by "
             f"optim.grad_accum_steps={config.optim.grad_accum_steps}"
         )
+
+
+def row_len(config: ml_collections.ConfigDict) -> int:
+    """Tokens in one row of a batch: data.seq_len, and for a prefix LM (seq2seq on a decoder)
+    the input and target in one row, data.seq_len + data.target_len."""
+    d = config.data
+    prefix_lm = config.task.objective == "seq2seq" and config.model.family == "decoder"
+    return d.seq_len + d.target_len if prefix_lm else d.seq_len
 
 
 def _validate_task(config: ml_collections.ConfigDict) -> None:

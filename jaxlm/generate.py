@@ -11,7 +11,9 @@ tokens. Temperature 0 is greedy argmax.
 
 For an encoder-decoder model, `make_seq2seq_generate` samples the same way after encoding the
 source once (the decoder cache holds self-attention K/V and the precomputed cross-attention
-K/V), and `make_beam_search` runs beam search with a GNMT length penalty.
+K/V), and `make_beam_search` runs beam search with a GNMT length penalty. A decoder trained as
+a prefix LM (seq2seq on a decoder) decodes with `make_generate` or `make_prefix_beam_search`,
+its prompts being the inputs, each ending with the EOS that separates input from output.
 """
 
 from __future__ import annotations
@@ -90,9 +92,10 @@ def make_generate(
     def generate(params, prompts_BP, lengths_B, key):
         model = nnx.merge(graphdef, params)
         b, p = prompts_BP.shape
-        cache = model.init_cache(b, p + n)
-        logits_BPV, cache = model.decode(prompts_BP, cache, jnp.zeros((b,), jnp.int32))
-        last_BV = jnp.take_along_axis(logits_BPV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+        h_BPD, cache = _prefill(model, prompts_BP, p + n)
+        # Project only each row's last prompt state: [B, P, V] logits are never needed.
+        last_B1D = jnp.take_along_axis(h_BPD, (lengths_B - 1)[:, None, None], axis=1)
+        last_BV = model.logits(last_B1D)[:, 0]
 
         def step(token_B, i, cache):
             # The token emitted at step i-1 sits at position length + i - 1.
@@ -102,6 +105,13 @@ def make_generate(
         return _sampling_loop(step, last_BV, cache, key, settings, on_tokens)
 
     return jax.jit(generate)
+
+
+def _prefill(model, prompts_BP, length: int):
+    """(final hidden states [B, P, D], a KV cache for `length` positions holding the prompts)."""
+    b = prompts_BP.shape[0]
+    cache = model.init_cache(b, length)
+    return model.run_cached(model.embed(prompts_BP), cache, jnp.zeros((b,), jnp.int32))
 
 
 def make_seq2seq_generate(
@@ -252,9 +262,9 @@ def make_prefix_beam_search(graphdef: nnx.GraphDef, settings: BeamSettings):
     def search(params, prompts_BP, lengths_B):
         model = nnx.merge(graphdef, params)
         b, p = prompts_BP.shape
-        prompts_RP, lengths_R = jnp.repeat(prompts_BP, w, axis=0), jnp.repeat(lengths_B, w)
-        cache = model.init_cache(b * w, p + n)
-        _, cache = model.decode(prompts_RP, cache, jnp.zeros((b * w,), jnp.int32))
+        _, cache = _prefill(model, prompts_BP, p + n)  # once per row, then one copy per beam
+        cache = jax.tree.map(lambda x: jnp.repeat(x, w, axis=0), cache)
+        lengths_R = jnp.repeat(lengths_B, w)
 
         def step(tokens_R, i, cache):
             # Step 0 feeds each prompt's last token again (rewriting its cached K/V), so its
@@ -274,7 +284,7 @@ def make_prefix_beam_search(graphdef: nnx.GraphDef, settings: BeamSettings):
 def beam_search(step, reorder, cache, batch: int, start_id, s: BeamSettings):
     """The compiled beam loop over any decoder (R = B * W rows).
 
-    step(tokens_R, i, cache) -> (logits_RV, cache) feeds the token at position i (first
+    step(tokens_R, i, cache) -> (logits_RV, cache) feeds the i-th token of the search (first
     `start_id`: one id, or one per row [B]);
     reorder(cache, rows_R) gathers cache rows after beams are re-chosen. Each step keeps the
     2W best extensions, so W of them survive even if W emit EOS; ended ones join the W best

@@ -153,8 +153,7 @@ class LanguageModel:
     @property
     def context_len(self) -> int:
         """Longest prompt plus continuation: the length the model was trained on."""
-        d = self.config.data
-        return d.seq_len + d.target_len if self.config.task.objective == "seq2seq" else d.seq_len
+        return config_lib.row_len(self.config)
 
     @property
     def model(self) -> nnx.Module:
@@ -174,9 +173,12 @@ class LanguageModel:
         return self.tokenizer.encode(text)
 
     def prompt_ids(self, text: str) -> list[int]:
-        """A prompt's ids; a prefix LM (task.objective=seq2seq) was trained on input + EOS."""
+        """A prompt's ids. A prefix LM (task.objective=seq2seq) was trained on inputs cut to
+        data.seq_len - 1 tokens + EOS: prompts are cut and ended the same way."""
         ids = self.encode(text)
-        return ids + [self.tokenizer.eos_id] if self.config.task.objective == "seq2seq" else ids
+        if self.config.task.objective != "seq2seq":
+            return ids
+        return ids[: self.config.data.seq_len - 1] + [self.tokenizer.eos_id]
 
     def score(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Log-prob of each token of each text given the tokens before it (the first has none)."""
@@ -216,7 +218,11 @@ class LanguageModel:
         seed: int = 0,
         on_tokens: Callable[[int, np.ndarray], None] | None = None,
     ) -> list[list[int]]:
-        """Continuations of token-id prompts, each up to its EOS (kept) or max_new_tokens."""
+        """Continuations of token-id prompts, each up to its EOS (kept) or max_new_tokens.
+
+        Prompts to a prefix LM (task.objective=seq2seq) must end with the EOS separator, as
+        `prompt_ids` ends them.
+        """
         settings.check()
         lengths = [len(p) for p in prompts]
         if not prompts or min(lengths) == 0:

@@ -287,9 +287,10 @@ class _Loop:
     def __init__(self, s: Setup, ckpt: Checkpointer, workdir: Path):
         self.s, self.ckpt, self.cfg = s, ckpt, s.config.train
         self.writer = monitor.MetricsWriter(workdir)
-        self.tokens_per_step = s.config.data.batch_size * s.config.data.seq_len
+        row = config_lib.row_len(s.config)
+        self.tokens_per_step = s.config.data.batch_size * row
         peak = evaluate.peak_tflops(jax.devices()[0].device_kind, self.cfg.peak_tflops)
-        flops = evaluate.flops_per_token(s.model_cfg, s.config.data.seq_len)
+        flops = evaluate.flops_per_token(s.model_cfg, row)
         self.peak_flops = None if peak is None else peak * 1e12 * s.mesh.size
         self.flops_per_token = flops
         self.train_step = make_train_step(s)

@@ -53,5 +53,5 @@ def test_decode_benchmark_reports_tokens_per_second():
     r = decode_benchmark(c, batch_size=2, prompt_len=4, new_tokens=8, repeats=2)
     assert r["mode"] == "decode" and r["batch_size"] == 2 and r["new_tokens"] == 8
     np.testing.assert_allclose(r["tokens_per_sec"], 2 * 8 / r["median_generate_s"], rtol=1e-2)
-    with pytest.raises(ValueError, match="exceeds data.seq_len 16"):
+    with pytest.raises(ValueError, match="exceeds the 16 tokens the model was trained on"):
         decode_benchmark(tiny_config(), batch_size=1, prompt_len=10, new_tokens=10)

@@ -23,9 +23,21 @@ def final_loss(workdir: Path) -> float:
     return [r["train/loss"] for r in records if "train/loss" in r][-1]
 
 
-@pytest.mark.parametrize("objective", ["lm", "mlm", "span_corruption", "classify"])
-def test_resume_equals_uninterrupted(tmp_path, objective):
+@pytest.mark.parametrize(
+    "objective,family",
+    [
+        ("lm", "decoder"),
+        ("mlm", "encoder"),
+        ("span_corruption", "encoder_decoder"),
+        ("seq2seq", "encoder_decoder"),
+        ("seq2seq", "decoder"),  # a prefix LM
+        ("classify", "encoder"),
+        ("classify", "decoder"),
+    ],
+)
+def test_resume_equals_uninterrupted(tmp_path, objective, family):
     c = tiny_config(objective=objective)
+    c.model.family = family
     c.model.dropout = 0.1  # dropout (and mlm masking) keys must also continue exactly
     full = train.train(c, tmp_path / "full")
     c.train.stop_at = 3
