@@ -224,7 +224,7 @@ def test_tfds_builders_with_mock_data(tmp_path, name, keys, supervised) -> None:
         assert builder.info.features["label"].names == list(PACKAGES)
 
 
-def test_tfds_stdlib_package_real_build(tmp_path, package_sets) -> None:
+def test_tfds_stdlib_package_real_build(tmp_path, package_sets, monkeypatch) -> None:
     tfds = pytest.importorskip("tensorflow_datasets")
     from jaxlm.data import task_builders  # noqa: F401  (registers the builders)
 
@@ -237,6 +237,16 @@ def test_tfds_stdlib_package_real_build(tmp_path, package_sets) -> None:
         ]
         want = [{k: ex[k] for k in ("code", "label", "path")} for ex in package_sets[split]]
         assert got == want, split
+
+    # A second run that started the same build loses the race to rename it into place: it
+    # reads what the first one prepared.
+    def lost_race(self, *args, **kwargs):
+        raise FileExistsError("Cannot rename ...incomplete...: destination already exists")
+
+    monkeypatch.setattr(type(builder), "download_and_prepare", lost_race)
+    opts = readers.ReadOptions(tfds_data_dir=str(tmp_path))
+    again = readers.tfds_builder("stdlib_package", opts)
+    assert again.info.splits["validation"].num_examples == len(package_sets["validation"])
     # The code_docstring generator yields code_tasks' examples in order, keyed by position.
     doc = tfds.builder("code_docstring", data_dir=str(tmp_path))
     generated = list(doc._generate_examples("validation"))

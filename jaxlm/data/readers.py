@@ -302,7 +302,12 @@ def tfds_builder(name: str, opts: ReadOptions):
         first = str(e).strip().splitlines()[0][:300]
         raise DataError(f"TFDS cannot load {name!r}: {first}") from None
     if own:
-        builder.download_and_prepare()  # generated from local files: nothing is downloaded
+        try:
+            builder.download_and_prepare()  # generated from local files: nothing is downloaded
+        except FileExistsError:
+            # Another run started at the same time finished the same build first (TFDS renames
+            # its incomplete directory into place); read the one it prepared.
+            builder = tfds.builder(name, data_dir=data_dir)
     return builder
 
 
