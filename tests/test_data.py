@@ -112,7 +112,7 @@ def test_byte_lengths_invariant(tok: tokenizer.Tokenizer, validation_texts: list
 
 def test_training_is_deterministic_and_cached(tmp_path: pathlib.Path) -> None:
     from jaxlm.config import base_config
-    from jaxlm.data import source
+    from jaxlm.data import run_tokenizer
 
     texts = corpus.read_split("train")[:20]
     a = tokenizer.train_tokenizer(texts, tmp_path / "a.model", vocab_size=400)
@@ -126,13 +126,13 @@ def test_training_is_deterministic_and_cached(tmp_path: pathlib.Path) -> None:
     c.data.source, c.data.cache_dir = f"file:{tmp_path}/a.txt", str(tmp_path / "cache")
     c.data.tokenizer_vocab_size = 400
     specs, logs = readers.parse_sources(c.data.source), []
-    first = source.resolve_tokenizer(c, specs, logs.append)
-    second = source.resolve_tokenizer(c, specs, logs.append)
+    first = run_tokenizer.resolve_tokenizer(c, specs, logs.append)
+    second = run_tokenizer.resolve_tokenizer(c, specs, logs.append)
     assert len(logs) == 1 and first.path == second.path and first.sha256 == second.sha256
     assert first.path.parent == tmp_path / "cache" / "tokenizers"
     assert not [p for p in first.path.parent.iterdir() if p.suffix == ".tmp"]
     c.data.tokenizer_sentinels = 2  # another setting: another tokenizer
-    assert source.resolve_tokenizer(c, specs, logs.append).path != first.path
+    assert run_tokenizer.resolve_tokenizer(c, specs, logs.append).path != first.path
 
 
 @pytest.mark.parametrize("model_type", ["unigram", "char"])

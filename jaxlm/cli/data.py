@@ -33,15 +33,15 @@ PROGRAM = "jaxlm-data"
 
 
 def _tokenizer(config, specs) -> None:
-    from jaxlm.data import source, storage
+    from jaxlm.data import run_tokenizer, storage
 
     out = _required_out()
     if storage.is_remote(out):  # SentencePiece writes locally; copy the model up afterwards
         with tempfile.TemporaryDirectory() as tmp:
-            tok = source.train_tokenizer(config, specs, Path(tmp) / "tokenizer.model")
+            tok = run_tokenizer.train_tokenizer(config, specs, Path(tmp) / "tokenizer.model")
             storage.write_bytes(out, tok.path.read_bytes())
     else:
-        tok = source.train_tokenizer(config, specs, out)
+        tok = run_tokenizer.train_tokenizer(config, specs, out)
     print(
         f"wrote {out}: {tok.vocab_size} {config.data.tokenizer_type} pieces, sha256 "
         f"{tok.sha256}; use it with --config.data.tokenizer={out}"
@@ -49,14 +49,14 @@ def _tokenizer(config, specs) -> None:
 
 
 def _prepare(config, specs) -> None:
-    from jaxlm.data import prepare, source, storage
+    from jaxlm.data import prepare, run_tokenizer, storage
     from jaxlm.data.clean import CleanConfig
     from jaxlm.data.readers import ReadOptions
 
     out = _required_out()
     if any(s.kind == "prepared" for s in specs):
         raise ValueError("data.source is already prepared; prepare the original sources instead")
-    tok = source.resolve_tokenizer(config, specs)
+    tok = run_tokenizer.resolve_tokenizer(config, specs)
     if config.task.objective in EXAMPLE_OBJECTIVES:
         _prepare_examples(config, tok, out)
         return
@@ -89,9 +89,9 @@ def _prepare_examples(config, tok, out: str) -> None:
 
 
 def _inspect(config, specs) -> None:
-    from jaxlm.data import diagnostics, source
+    from jaxlm.data import diagnostics, run_tokenizer, source
 
-    tok = source.resolve_tokenizer(config, specs)
+    tok = run_tokenizer.resolve_tokenizer(config, specs)
     text = source.TextData(config, tok, specs)
     print(diagnostics.describe_rows(text, FLAGS.split, FLAGS.step, FLAGS.rows))
 

@@ -31,6 +31,12 @@ MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
 
 
+def root(config) -> pathlib.Path:
+    """Where a run's caches live locally: data.cache_dir, by default ~/.cache/jaxlm."""
+    default = pathlib.Path.home() / ".cache" / "jaxlm"
+    return pathlib.Path(config.data.cache_dir or default).expanduser()
+
+
 def read_manifest(directory: str) -> dict | None:
     """The directory's manifest, or None when it has none (never written or incomplete)."""
     path = storage.join(directory, MANIFEST)

@@ -12,7 +12,8 @@ import numpy as np
 from jaxlm.data import cache, pipeline, prepare, readers
 from jaxlm.data.clean import CleanConfig
 from jaxlm.data.readers import ReadOptions
-from jaxlm.data.source import TextData, resolve_tokenizer
+from jaxlm.data.run_tokenizer import resolve_tokenizer
+from jaxlm.data.source import TextData
 
 
 def _quiet(_: str) -> None:

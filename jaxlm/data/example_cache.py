@@ -11,7 +11,7 @@ counted in the manifest. Examples of JSONL files without `{split}` in the glob g
 validation when a hash of their raw input falls in data.eval_fraction, so equal inputs always
 share a split.
 
-The cache, `source.cache_dir(config)/examples/<slug>-<hash>/`, is keyed by the source, the read
+The cache, `cache.root(config)/examples/<slug>-<hash>/`, is keyed by the source, the read
 options, the keys, the cleaning settings and the tokenizer (not by seq_len or target_len:
 truncation happens at batch time), and holds per split
 
@@ -35,10 +35,11 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from jaxlm import monitor
-from jaxlm.data import cache, prepare, readers, source, storage
+from jaxlm.data import cache, prepare, readers, storage
 from jaxlm.data.clean import CleanConfig, Cleaner
 from jaxlm.data.readers import DataError, ReadOptions, SourceSpec
 
@@ -360,13 +361,11 @@ def build_cache(config, tok, log: Callable[[str], None] = monitor.console) -> tu
     spec = _one_source(config, readers.parse_sources(d.source))
     fields, opts = Fields.from_config(config), ReadOptions.from_config(d)
     clean_cfg = CleanConfig.from_config(d)
-    directory = (
-        source.cache_dir(config) / "examples" / cache_key(spec, opts, fields, clean_cfg, tok)
-    )
+    directory = cache.root(config) / "examples" / cache_key(spec, opts, fields, clean_cfg, tok)
     manifest = read_manifest(directory)
     if manifest is not None:
         return directory, manifest
-    if source._process(None, None)[1] > 1:
+    if jax.process_count() > 1:
         # Every host would tokenize the whole source at once, racing on one directory.
         raise DataError(
             f"no example cache of {spec.name} for this run in a multi-process job: run this "

@@ -85,7 +85,7 @@ class ExampleData:
     def train_batch(self, step: int, process_index=None, process_count=None) -> dict:
         """This process's rows of the global batch at `step` (a keyed permutation per epoch)."""
         _, rows = self.sampler.rows_for_step(step)
-        share = pipeline.process_share(len(rows), *source._process(process_index, process_count))
+        share = pipeline.process_share(len(rows), process_index, process_count)
         return self.batch(self.train, rows[share])
 
     def eval_batches(self, max_batches: int, process_index=None, process_count=None) -> list:
@@ -95,7 +95,7 @@ class ExampleData:
         total = self.valid.size
         if max_batches > 0:
             total = min(total, max_batches * size)
-        share = pipeline.process_share(size, *source._process(process_index, process_count))
+        share = pipeline.process_share(size, process_index, process_count)
         out = []
         for start in range(0, total, size):
             index = np.resize(np.arange(start, min(start + size, total)), size)[share]

@@ -36,8 +36,15 @@ def make_batch(rows: dict[str, np.ndarray], byte_lengths: np.ndarray) -> dict[st
     }
 
 
-def process_share(batch_size: int, process_index: int, process_count: int) -> slice:
-    """This process's contiguous rows of the global batch (the batch sharding's layout)."""
+def process_share(
+    batch_size: int, process_index: int | None = None, process_count: int | None = None
+) -> slice:
+    """A process's contiguous rows of the global batch (the batch sharding's layout); by
+    default this process's, as JAX numbers it."""
+    if process_index is None or process_count is None:
+        import jax  # only here: the rest of this module is numpy
+
+        process_index, process_count = jax.process_index(), jax.process_count()
     if batch_size % process_count:
         raise ValueError(
             f"data.batch_size={batch_size} does not divide over {process_count} processes; "

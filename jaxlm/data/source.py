@@ -21,9 +21,10 @@ import numpy as np
 
 from jaxlm import monitor
 from jaxlm.config import EXAMPLE_OBJECTIVES
-from jaxlm.data import cache, pipeline, prepare, readers, spans, storage, tokenizer
+from jaxlm.data import cache, pipeline, prepare, readers, spans, storage
 from jaxlm.data.clean import CleanConfig
 from jaxlm.data.readers import DataError, ReadOptions, SourceSpec
+from jaxlm.data.run_tokenizer import load_tokenizer
 
 
 @dataclasses.dataclass
@@ -46,16 +47,6 @@ class DataSource:
     # order, each {"input_ids": np.ndarray, "input": str, "reference": str or "label": int}.
     eval_examples: Callable[[int], list[dict]] | None = None
     sentinel_ids: tuple[int, ...] = ()  # <extra_id_0>, <extra_id_1>, ... (span corruption)
-
-
-def cache_dir(config) -> Path:
-    return Path(config.data.cache_dir or Path.home() / ".cache" / "jaxlm").expanduser()
-
-
-def _process(index: int | None, count: int | None) -> tuple[int, int]:
-    if index is None or count is None:
-        return jax.process_index(), jax.process_count()
-    return index, count
 
 
 def make_source(
@@ -83,7 +74,7 @@ def make_source(
     else:
         text = TextData(config, tok, specs, log)
         data, described = text.source(), text.describe()
-    if _process(None, None)[0] == 0:
+    if jax.process_index() == 0:
         (workdir / "data.json").write_text(json.dumps(described, indent=2) + "\n")
     return data
 
@@ -114,7 +105,7 @@ def _span_corruption(config, text: TextData, raw_len: int) -> DataSource:
     def eval_batches(max_batches: int, process_index=None, process_count=None) -> list[dict]:
         out = []
         # Seeded by the batch and the row's place in it: each process corrupts its own rows.
-        first = pipeline.process_share(d.batch_size, *_process(process_index, process_count))
+        first = pipeline.process_share(d.batch_size, process_index, process_count)
         for b, (rows_read, real) in enumerate(
             text.eval_rows(max_batches, process_index, process_count)
         ):
@@ -150,128 +141,6 @@ def sentinels_of(tok) -> tuple[int, ...]:
     return tuple(out)
 
 
-# --- tokenizer ------------------------------------------------------------------------------
-
-
-def _local(path: str, config) -> Path:
-    """A local path for a possibly remote file (remote ones are copied to the cache once)."""
-    if not storage.is_remote(path):
-        return Path(path).expanduser()
-    parent, _, name = path.rstrip("/").rpartition("/")
-    return storage.local_mirror(parent, [name], cache_dir(config)) / name
-
-
-def tokenizer_key(config, specs: list[SourceSpec]) -> str:
-    """Names an automatically trained tokenizer by everything that shapes it."""
-    d, opts = config.data, ReadOptions.from_config(config.data)
-    what = {
-        "sources": [[s.name, s.weight, opts.identity(s)] for s in specs],
-        "clean": dataclasses.asdict(CleanConfig.from_config(d)),
-        "options": [d.tokenizer_byte_fallback, d.tokenizer_mask, d.tokenizer_sentinels],
-        "sample_chars": d.tokenizer_sample_chars,
-    }
-    if config.task.objective in EXAMPLE_OBJECTIVES:  # trained on the examples' fields
-        what["fields"] = [config.task.objective, d.input_key, d.target_key, d.label_key]
-    digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
-    return f"{'+'.join(s.slug for s in specs)[:48]}-{digest}"
-
-
-def train_tokenizer(config, specs: list[SourceSpec], out_path: str | Path):
-    """Train the configured SentencePiece model on a sample of the configured sources."""
-    d = config.data
-    if config.task.objective in EXAMPLE_OBJECTIVES:
-        from jaxlm.data import example_cache
-
-        texts = _first_chars(example_cache.example_texts(config, specs), d.tokenizer_sample_chars)
-    else:
-        texts = prepare.sample_texts(
-            specs, ReadOptions.from_config(d), CleanConfig.from_config(d), d.tokenizer_sample_chars
-        )
-    return tokenizer.train_tokenizer(
-        texts,
-        out_path,
-        d.tokenizer_vocab_size,
-        d.tokenizer_type,
-        d.tokenizer_sample_chars,
-        byte_fallback=d.tokenizer_byte_fallback,
-        mask=d.tokenizer_mask,
-        sentinels=d.tokenizer_sentinels,
-    )
-
-
-def _first_chars(texts, max_chars: int) -> list[str]:
-    """Texts in order until max_chars characters are taken."""
-    out, total = [], 0
-    for text in texts:
-        if total >= max_chars:
-            break
-        out.append(text)
-        total += len(text)
-    return out
-
-
-def init_from_tokenizer(config) -> Path | None:
-    """The tokenizer of the run train.init_from names (fine-tuning keeps its vocabulary)."""
-    if not config.train.init_from:
-        return None
-    from jaxlm import finetune  # imports the trainer, which imports this module
-
-    path = storage.join(finetune.parse_init_from(config.train.init_from)[0], "tokenizer.model")
-    if not storage.exists(path):
-        raise DataError(
-            f"train.init_from: {path} not found; point it at a jaxlm-train run directory "
-            "(one trained on text, with its tokenizer.model)"
-        )
-    return _local(path, config)
-
-
-def resolve_tokenizer(
-    config, specs: list[SourceSpec], log: Callable[[str], None] = monitor.console
-):
-    """data.tokenizer, else the tokenizer stored with prepared caches, else one trained on a
-    sample of the sources (cached under data.cache_dir/tokenizers)."""
-    d = config.data
-    if d.tokenizer:
-        return tokenizer.Tokenizer(_local(d.tokenizer, config))
-    if (pretrained := init_from_tokenizer(config)) is not None:
-        return tokenizer.Tokenizer(pretrained)
-    prepared = [s for s in specs if s.kind == "prepared"]
-    if prepared:
-        return tokenizer.Tokenizer(_local(storage.join(prepared[0].arg, cache.TOKENIZER), config))
-    path = tokenizer.tokenizer_cache_path(
-        cache_dir(config), tokenizer_key(config, specs), d.tokenizer_type, d.tokenizer_vocab_size
-    )
-    if path.is_file():
-        return tokenizer.Tokenizer(path)
-    if _process(None, None)[1] > 1:  # every host would train its own, possibly different one
-        raise DataError(
-            "no tokenizer for a multi-process job: train one with `jaxlm-data tokenizer --config "
-            "... --out PATH` and set data.tokenizer=PATH (or use data.source=prepared:DIR)"
-        )
-    log(f"training a {d.tokenizer_vocab_size}-piece {d.tokenizer_type} tokenizer (once)")
-    return train_tokenizer(config, specs, path)
-
-
-def load_tokenizer(config, workdir: Path, specs: list[SourceSpec], log=monitor.console):
-    """The run's tokenizer: WORKDIR/tokenizer.model on resume (it must match data.tokenizer
-    when that is set), else `resolve_tokenizer`, copied into the workdir."""
-    local = workdir / "tokenizer.model"
-    if local.is_file():
-        tok = tokenizer.Tokenizer(local)
-        if config.data.tokenizer:
-            wanted = tokenizer.Tokenizer(_local(config.data.tokenizer, config))
-            if wanted.sha256 != tok.sha256:
-                raise DataError(
-                    f"{local} (sha256 {tok.sha256[:12]}) is not data.tokenizer "
-                    f"{config.data.tokenizer} (sha256 {wanted.sha256[:12]}): this run was "
-                    "trained with another tokenizer; use a new --workdir"
-                )
-        return tok
-    tok = resolve_tokenizer(config, specs, log)
-    storage.write_bytes(local, tok.path.read_bytes())
-    return tokenizer.Tokenizer(local)
-
-
 # --- caches and batches ---------------------------------------------------------------------
 
 
@@ -289,10 +158,10 @@ def ensure_cache(spec: SourceSpec, config, tok, log=monitor.console) -> tuple[Pa
     else:
         opts, clean_cfg = ReadOptions.from_config(d), CleanConfig.from_config(d)
         name = prepare.cache_key(spec, opts, clean_cfg, tok)
-        directory = str(cache_dir(config) / "prepared" / name)
+        directory = str(cache.root(config) / "prepared" / name)
         manifest = cache.read_manifest(directory)
         if manifest is None:
-            if _process(None, None)[1] > 1:
+            if jax.process_count() > 1:
                 # Every host would tokenize the whole source at once, racing on one directory.
                 raise DataError(
                     f"no cache of {spec.name} for this run in a multi-process job: run "
@@ -300,7 +169,7 @@ def ensure_cache(spec: SourceSpec, config, tok, log=monitor.console) -> tuple[Pa
                     "with data.source=prepared:gs://BUCKET/DIR"
                 )
             log(f"tokenizing {spec.name} into {directory} (once; later runs read the cache)")
-            progress = _process(None, None)[0] == 0
+            progress = jax.process_index() == 0
             manifest = prepare.prepare_source(
                 spec, directory, tok, opts, clean_cfg, progress=progress, log=log
             )
@@ -314,7 +183,7 @@ def ensure_cache(spec: SourceSpec, config, tok, log=monitor.console) -> tuple[Pa
         version = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
         files = cache.files_of(manifest)
         return (
-            storage.local_mirror(directory, files, cache_dir(config), version),
+            storage.local_mirror(directory, files, cache.root(config), version),
             directory,
             manifest,
         )
@@ -372,7 +241,7 @@ class TextData:
     def train_rows(self, step: int, process_index=None, process_count=None) -> tuple:
         """(this process's rows read, their indices in the global batch) at `step`."""
         sources, rows = self.sampler.rows_for_step(step)
-        share = pipeline.process_share(len(rows), *_process(process_index, process_count))
+        share = pipeline.process_share(len(rows), process_index, process_count)
         return self.read(self.train, sources[share], rows[share]), np.arange(len(rows))[share]
 
     def train_batch(self, step: int, process_index=None, process_count=None) -> dict:
@@ -386,7 +255,7 @@ class TextData:
         sources, rows = pipeline.eval_rows(
             [r.num_rows for r in self.valid], self.weights, size, max_batches
         )
-        share = pipeline.process_share(size, *_process(process_index, process_count))
+        share = pipeline.process_share(size, process_index, process_count)
         for start in range(0, len(rows), size):
             real = np.arange(start, start + size) < len(rows)
             src = np.where(real, np.resize(sources[start : start + size], size), 0)[share]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxlm.data import pipeline, spans
-from jaxlm.data.source import DataSource, _process
+from jaxlm.data.source import DataSource
 
 EVAL_STEP_OFFSET = 2**40
 PAD_ID, EOS_ID = 0, 1
@@ -34,7 +34,7 @@ def make_source(config) -> DataSource:
     global_batch, extra = make(config, vocab)
 
     def batch(step: int, process_index=None, process_count=None) -> dict:
-        share = pipeline.process_share(d.batch_size, *_process(process_index, process_count))
+        share = pipeline.process_share(d.batch_size, process_index, process_count)
         return {k: v[share] for k, v in global_batch(step).items()}
 
     def eval_batches(n: int, process_index=None, process_count=None) -> list[dict]:
