@@ -150,6 +150,8 @@ def _validate_task(config: ml_collections.ConfigDict) -> None:
                     f"task.objective={k.objective} reads examples: set --config.data.{key} to "
                     "the feature (TFDS) or field (JSONL) that holds it"
                 )
+    if k.logits_chunk < 0:
+        raise ConfigError(f"task.logits_chunk must be >= 0 (0: no chunking), got {k.logits_chunk}")
     if config.train.eval_decode < 0:
         raise ConfigError(f"train.eval_decode must be >= 0, got {config.train.eval_decode}")
     if config.train.eval_decode and k.objective != "seq2seq":

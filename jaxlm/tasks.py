@@ -49,16 +49,23 @@ DECODER_START_ID = 0
 
 def make_objective(config, data: DataSource) -> Objective:
     """The objective `task.objective` names, bound to the data's ids and packing."""
-    objective = config.task.objective
+    objective, chunk = config.task.objective, config.task.logits_chunk
     if objective == "mlm":
         return _masked_lm(config.task, data)
     if objective == "seq2seq" and config.model.family == "decoder":
-        return _prefix_lm()
+        return _prefix_lm(chunk)
     if objective in ("seq2seq", "span_corruption"):
-        return _seq2seq(objective)
+        return _seq2seq(objective, chunk)
     if objective == "classify":
         return _classify(config.task.class_weights or None)
-    return _causal_lm(data.packed)
+    return _causal_lm(data.packed, chunk)
+
+
+def _token_sums(model, h_BTD, targets_BT, mask_BT, chunk: int) -> dict:
+    """objectives.token_sums of the model's logits, projected `chunk` positions at a time."""
+    return evaluate.projected_sums(
+        objectives.token_sums, model.logits, h_BTD, targets_BT, mask_BT, chunk
+    )
 
 
 def _without_randomness(sums: Callable[..., dict]) -> Callable[..., dict]:
@@ -71,9 +78,9 @@ def _without_randomness(sums: Callable[..., dict]) -> Callable[..., dict]:
     return eval_sums
 
 
-def _causal_lm(packed: bool) -> Objective:
+def _causal_lm(packed: bool, chunk: int) -> Objective:
     def loss_sums(model, batch, key):
-        return evaluate.lm_sums(model, batch, packed=packed, dropout_key=key)
+        return evaluate.lm_sums(model, batch, packed=packed, dropout_key=key, logits_chunk=chunk)
 
     return Objective("lm", loss_sums, _without_randomness(loss_sums), evaluate.finish_lm)
 
@@ -95,13 +102,13 @@ def _masked_lm(task, data: DataSource) -> Objective:
             random_frac=task.random_frac,
         )
         # Segment ids always: bidirectional attention must not see padding or other documents.
-        logits = model(
+        h_BTD = model.hidden(
             m["inputs"],
             positions_BT=batch["positions"],
             segment_ids_BT=batch["segment_ids"],
             dropout_key=dropout_key,
         )
-        return objectives.token_sums(logits, m["targets"], m["loss_mask"])
+        return _token_sums(model, h_BTD, m["targets"], m["loss_mask"], task.logits_chunk)
 
     def loss_sums(model, batch, key):
         mask_key, dropout_key = jax.random.split(key)
@@ -113,23 +120,23 @@ def _masked_lm(task, data: DataSource) -> Objective:
     return Objective("mlm", loss_sums, eval_sums, objectives.finish_tokens)
 
 
-def _seq2seq(name: str) -> Objective:
+def _seq2seq(name: str, chunk: int) -> Objective:
     def sums(model, batch, dropout_key):
         # Rows hold one example each, right-padded: the causal decoder never sees its padding,
         # and only the encoder's padding needs masking (cross- and encoder self-attention).
         decoder_inputs = objectives.shift_right(batch["targets"], DECODER_START_ID)
-        logits = model(
+        h_BTD = model.hidden(
             batch["inputs"],
             decoder_inputs,
             encoder_segment_ids_BS=batch["input_segment_ids"],
             dropout_key=dropout_key,
         )
-        return objectives.token_sums(logits, batch["targets"], batch["loss_mask"])
+        return _token_sums(model, h_BTD, batch["targets"], batch["loss_mask"], chunk)
 
     return Objective(name, sums, _without_randomness(sums), objectives.finish_tokens)
 
 
-def _prefix_lm() -> Objective:
+def _prefix_lm(chunk: int) -> Objective:
     def sums(model, batch, dropout_key):
         b = batch
         tokens, segment_ids, positions = objectives.prefix_lm_rows(
@@ -143,8 +150,7 @@ def _prefix_lm() -> Objective:
         )
         # Column S - 1 (the input's EOS) predicts the first target: project only the targets'.
         s = batch["inputs"].shape[1]
-        logits = model.logits(hidden[:, s - 1 :])
-        return objectives.token_sums(logits, batch["targets"], batch["loss_mask"])
+        return _token_sums(model, hidden[:, s - 1 :], batch["targets"], batch["loss_mask"], chunk)
 
     return Objective("seq2seq", sums, _without_randomness(sums), objectives.finish_tokens)
 
