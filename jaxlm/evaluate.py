@@ -68,20 +68,23 @@ def projected_sums(sums_fn, project, h_BTD, targets_BT, mask_BT, chunk: int = 0)
     at GPT-2 scale, batch 16 x 1024 x 50304 is 3.3 GB in fp32. Chunked, a scan projects
     [B, chunk, D] blocks under jax.checkpoint, so only one block of logits exists at a time
     and the backward pass recomputes it (one more vocabulary matmul per block). The sums add
-    over positions, so both ways agree up to float summation order. T need not divide: the
-    last block is padded with masked positions.
+    over positions, so both ways agree up to float summation order (with bf16 parameters the
+    weight gradient also adds up in bf16 over the blocks). T need not divide: the blocks are
+    evened out (T=1024, chunk=1000: two of 512) and the last is padded with masked positions.
     """
     t = h_BTD.shape[1]
     if chunk <= 0 or chunk >= t:
         return sums_fn(project(h_BTD), targets_BT, mask_BT)
     n = -(-t // chunk)
+    chunk = -(-t // n)
     pad = n * chunk - t
 
     def blocks(x):  # [B, T, ...] -> [n, B, chunk, ...]: the batch axis keeps its sharding
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
         return jnp.moveaxis(x.reshape(x.shape[0], n, chunk, *x.shape[2:]), 1, 0)
 
-    block_sums = jax.checkpoint(lambda h, y, m: sums_fn(project(h), y, m))
+    # prevent_cse=False: inside a scan, XLA cannot merge the recomputation away anyway.
+    block_sums = jax.checkpoint(lambda h, y, m: sums_fn(project(h), y, m), prevent_cse=False)
 
     def step(total, xs):
         return jax.tree.map(jnp.add, total, block_sums(*xs)), None

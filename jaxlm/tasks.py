@@ -18,6 +18,10 @@ seq2seq on a decoder: a prefix LM (supervised fine-tuning of a GPT-style model):
      the same batches as the encoder-decoder, so data, metrics and decoding are shared.
 classify: cross-entropy of the pooled class logits (encoder: first token or mean; decoder: last
      real token), optionally class-weighted; "tokens" holds the summed example weights.
+
+The token objectives (all but classify) take the model's final hidden states and project them
+to the vocabulary through `evaluate.projected_sums`: whole, or task.logits_chunk positions at a
+time so that [B, T, V] logits never exist at once.
 """
 
 from __future__ import annotations

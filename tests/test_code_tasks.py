@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import errno
 
 import pytest
 
@@ -240,13 +241,23 @@ def test_tfds_stdlib_package_real_build(tmp_path, package_sets, monkeypatch) -> 
 
     # A second run that started the same build loses the race to rename it into place: it
     # reads what the first one prepared.
-    def lost_race(self, *args, **kwargs):
-        raise FileExistsError("Cannot rename ...incomplete...: destination already exists")
-
-    monkeypatch.setattr(type(builder), "download_and_prepare", lost_race)
     opts = readers.ReadOptions(tfds_data_dir=str(tmp_path))
-    again = readers.tfds_builder("stdlib_package", opts)
-    assert again.info.splits["validation"].num_examples == len(package_sets["validation"])
+    lost = [
+        FileExistsError("Cannot rename ...: Destination ... already exists."),  # TFDS's check
+        OSError(errno.ENOTEMPTY, "Directory not empty"),  # the rename right after it
+    ]
+    for error in lost + [PermissionError(errno.EACCES, "Permission denied")]:
+
+        def prepare(self, *args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(type(builder), "download_and_prepare", prepare)
+        if error in lost:
+            again = readers.tfds_builder("stdlib_package", opts)
+            assert again.info.splits["validation"].num_examples == len(package_sets["validation"])
+        else:  # not a lost race: the error stands
+            with pytest.raises(PermissionError):
+                readers.tfds_builder("stdlib_package", opts)
     # The code_docstring generator yields code_tasks' examples in order, keyed by position.
     doc = tfds.builder("code_docstring", data_dir=str(tmp_path))
     generated = list(doc._generate_examples("validation"))

@@ -153,7 +153,7 @@ def test_language_model_prompts_a_text_run_as_the_eval_decodes_it(tmp_path):
     c.data.cache_dir, c.model.vocab_size = str(tmp_path / "cache"), 0
     c.model.tie_embeddings = False  # tied, a random model repeats the EOS: empty outputs
     c.optim.lr = 1e-5  # stay near the random init, whose outputs depend on the input
-    c.data.seq_len, c.model.max_len, c.train.steps = 32, 64, 4  # inputs are never cut
+    c.data.seq_len, c.model.max_len, c.train.steps = 32, 64, 4
     workdir = tmp_path / "run"
     train.train(c, workdir)
     evaluate_run(workdir, max_batches=0)

@@ -11,6 +11,7 @@ an empty dataset. Only the TFDS reader imports TensorFlow.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gzip
 import hashlib
 import json
@@ -304,10 +305,17 @@ def tfds_builder(name: str, opts: ReadOptions):
     if own:
         try:
             builder.download_and_prepare()  # generated from local files: nothing is downloaded
-        except FileExistsError:
-            # Another run started at the same time finished the same build first (TFDS renames
-            # its incomplete directory into place); read the one it prepared.
+        except OSError as e:
+            # Another run started at the same time may have finished the same build first: TFDS
+            # renames its incomplete directory into place, and the loser's check (FileExistsError,
+            # no errno) or rename (ENOTEMPTY) fails. Then read the build it prepared; any other
+            # error stands.
+            lost = isinstance(e, FileExistsError) or e.errno in (errno.EEXIST, errno.ENOTEMPTY)
+            if not lost:
+                raise
             builder = tfds.builder(name, data_dir=data_dir)
+            if not builder.is_prepared():
+                raise
     return builder
 
 

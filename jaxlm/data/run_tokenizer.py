@@ -98,8 +98,9 @@ def init_from_tokenizer(config) -> Path | None:
 def resolve_tokenizer(
     config, specs: list[SourceSpec], log: Callable[[str], None] = monitor.console
 ):
-    """data.tokenizer, else the tokenizer stored with prepared caches, else one trained on a
-    sample of the sources (cached under data.cache_dir/tokenizers)."""
+    """data.tokenizer, else the train.init_from run's, else the one stored with prepared
+    caches, else one trained on a sample of the sources (kept under the cache root's
+    tokenizers/ and reused)."""
     d = config.data
     if d.tokenizer:
         return tokenizer.Tokenizer(_local(d.tokenizer, config))
