@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from jaxlm.data import example_cache, examples, readers, tokenizer
+from jaxlm.data import example_cache, example_reader, examples, readers, tokenizer
 from jaxlm.data.readers import DataError
 
 EOS = tokenizer.EOS_ID
@@ -308,7 +308,7 @@ def test_multi_process_jobs_do_not_build_a_cache(tmp_path, tok, monkeypatch) -> 
 def test_example_texts_are_cleaned_train_inputs_and_targets(tmp_path, tok) -> None:
     c = _seq2seq_jsonl(tmp_path, n_train=5)
     raw = [json.loads(x) for x in (tmp_path / "train.jsonl").read_text().splitlines()]
-    texts = list(example_cache.example_texts(c, [readers.parse_sources(c.data.source)[0]]))
+    texts = list(example_reader.example_texts(c, [readers.parse_sources(c.data.source)[0]]))
     assert texts == [t for r in raw for t in (r["src"], r["tgt"].rstrip())]
 
 

@@ -1,4 +1,5 @@
-"""The example cache: labelled examples read, cleaned and tokenized once (see examples.py).
+"""The example cache: labelled examples (example_reader.py) cleaned and tokenized once, for
+the batches of examples.py.
 
 `build_cache(config, tok)` reads one `tfds:NAME` or `jsonl:GLOB` source whose examples hold
 data.input_key and data.target_key (seq2seq) or data.label_key (classify) and writes their ids.
@@ -39,189 +40,28 @@ import jax
 import numpy as np
 
 from jaxlm import monitor
-from jaxlm.data import cache, prepare, readers, storage
-from jaxlm.data.clean import CleanConfig, Cleaner
+from jaxlm.data import cache, example_reader, prepare, readers, storage
+from jaxlm.data.clean import CleanConfig
 from jaxlm.data.readers import DataError, ReadOptions, SourceSpec
 
 FORMAT = 1
 MANIFEST = "manifest.json"
 TEXTS = "validation.texts.jsonl"
 SPLITS = readers.SPLITS  # ("train", "validation")
-KINDS = ("tfds", "jsonl")
 _CHUNK_CHARS = 2_000_000  # examples are tokenized in chunks of about this many characters
-_TFDS_BATCH = 1024  # TFDS examples are read in batches of this many (per-element is slow)
 _LOG_EVERY_S = 30.0  # seconds between progress lines while a cache is built
 
 
-@dataclasses.dataclass(frozen=True)
-class Fields:
-    """Which feature/field holds what: the input text and the target text or the label."""
-
-    objective: str  # seq2seq or classify
-    input: str
-    other: str  # target_key (seq2seq) or label_key (classify)
-
-    @classmethod
-    def from_config(cls, config) -> Fields:
-        d, objective = config.data, config.task.objective
-        if objective not in ("seq2seq", "classify"):
-            raise ValueError(f"task.objective={objective} does not read labelled examples")
-        other = d.target_key if objective == "seq2seq" else d.label_key
-        return cls(objective, d.input_key, other)
-
-    @property
-    def seq2seq(self) -> bool:
-        return self.objective == "seq2seq"
-
-    @property
-    def other_config_key(self) -> str:
-        return "target_key" if self.seq2seq else "label_key"
-
-    def config_key(self, name: str) -> str:
-        return "input_key" if name == self.input else self.other_config_key
-
-
-# --- reading --------------------------------------------------------------------------------
-
-
-def _one_source(config, specs: list[SourceSpec]) -> SourceSpec:
-    objective = config.task.objective
-    if len(specs) != 1:
-        names = ", ".join(s.name for s in specs)
-        raise DataError(
-            f"task.objective={objective} reads one source of examples, not a mixture of "
-            f"{len(specs)} ({names}); set data.source to a single tfds:NAME or jsonl:GLOB"
-        )
-    spec = specs[0]
-    if spec.kind not in KINDS:
-        raise DataError(
-            f"task.objective={objective} reads labelled examples from tfds:NAME or jsonl:GLOB, "
-            f"not {spec.name}; point data.source at one of those"
-        )
-    return spec
-
-
-def _records(
-    spec: SourceSpec, split: str, opts: ReadOptions, fields: Fields, num_classes: int = 0
-) -> Iterator[tuple[str, str | int]]:
-    """(raw input text, raw target text or int label) of the split's examples, in order."""
-    if spec.kind == "tfds":
-        return _tfds_records(spec.arg, split, opts, fields, num_classes)
-    return _jsonl_records(spec.arg, split, opts, fields)
-
-
-def _tfds_records(
-    name: str, split: str, opts: ReadOptions, fields: Fields, num_classes: int
-) -> Iterator[tuple[str, str | int]]:
-    import tensorflow as tf  # Lazy: only TFDS sources need TensorFlow.
-
-    builder = readers.tfds_builder(name, opts)
-    features = builder.info.features
-    for key in (fields.input, fields.other):
-        if key not in features:
-            raise DataError(
-                f"TFDS dataset {name} has no feature {key!r} (it has "
-                f"{sorted(features.keys())}); set data.{fields.config_key(key)}"
-            )
-    label = features[fields.other] if not fields.seq2seq else None
-    classes = getattr(label, "num_classes", None)
-    if classes and num_classes and classes > num_classes:  # found before tokenizing anything
-        raise DataError(
-            f"TFDS {name} feature {fields.other!r} has {classes} classes but "
-            f"model.num_classes={num_classes}; set --config.model.num_classes={classes}"
-        )
-    split_name = opts.split_name(split)
-    ds = readers.tfds_split(builder, name, split_name, train=split == "train")
-    keys = (fields.input, fields.other)
-    ds = ds.map(lambda ex: tuple(ex[k] for k in keys), num_parallel_calls=tf.data.AUTOTUNE)
-    where = f"TFDS {name} split {split_name}"
-    for inputs, others in ds.batch(_TFDS_BATCH).prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
-        if inputs.dtype.kind not in "OS" or (fields.seq2seq and others.dtype.kind not in "OS"):
-            bad = fields.input if inputs.dtype.kind not in "OS" else fields.other
-            raise DataError(
-                f"{where}: feature {bad!r} is not text; set data.{fields.config_key(bad)} to a "
-                "text feature"
-            )
-        if not fields.seq2seq and others.dtype.kind not in "iu":
-            raise DataError(
-                f"{where}: feature {fields.other!r} is not an integer class label; set "
-                "data.label_key to one"
-            )
-        texts = [readers.decode(x, where, opts.decode_errors) for x in inputs]
-        if fields.seq2seq:
-            targets = [readers.decode(x, where, opts.decode_errors) for x in others]
-            yield from zip(texts, targets, strict=True)
-        else:
-            yield from zip(texts, others.tolist(), strict=True)
-
-
-def _jsonl_records(
-    pattern: str, split: str, opts: ReadOptions, fields: Fields
-) -> Iterator[tuple[str, str | int]]:
-    files, by_name = readers.match_files("jsonl", pattern, split, opts)
-    for obj, where in readers.json_objects(files, pattern, opts):
-        text = readers.text_field(obj, fields.input, "input_key", where, opts)
-        if fields.seq2seq:
-            other = readers.text_field(obj, fields.other, "target_key", where, opts)
-        else:
-            other = _label_field(obj, fields.other, where)
-        if by_name or readers.in_split(text, split, opts.eval_fraction):
-            yield text, other
-
-
-def _label_field(obj: dict, key: str, where: str) -> int:
-    label = readers.field(obj, key, "label_key", where)
-    if not isinstance(label, int) or isinstance(label, bool):
-        raise DataError(
-            f"{where}: field {key!r} is {label!r}, not an integer class id; write labels as "
-            "0 .. model.num_classes - 1"
-        )
-    return label
-
-
-def _text_cleaner(clean_cfg: CleanConfig) -> Callable[[str], str]:
-    """The configured text cleaning without the document filters (empty stays empty)."""
-    cleaner = Cleaner(dataclasses.replace(clean_cfg, min_chars=0, max_chars=0, dedup=False))
-    return lambda text: cleaner(text) or ""
-
-
-def _clean_identity(clean_cfg: CleanConfig) -> dict:
-    """The cleaning settings that change example texts (the document filters do not apply)."""
-    return {
-        "normalize": clean_cfg.normalize,
-        "strip_control": clean_cfg.strip_control,
-        "strip_whitespace": clean_cfg.strip_whitespace,
-    }
-
-
-def _read_identity(spec: SourceSpec, opts: ReadOptions) -> dict:
-    out = opts.identity(spec)
-    out.pop("text_key", None)  # examples are read by data.input_key and friends
-    return out
-
-
-def example_texts(config, specs: list[SourceSpec]) -> Iterator[str]:
-    """Cleaned input and target texts of the train split, example by example (non-empty only):
-    what a tokenizer for the task is trained on when data.tokenizer is empty."""
-    spec, fields = _one_source(config, specs), Fields.from_config(config)
-    clean = _text_cleaner(CleanConfig.from_config(config.data))
-    for text, other in _records(spec, "train", ReadOptions.from_config(config.data), fields):
-        for t in (text, other) if fields.seq2seq else (text,):
-            if t := clean(t):
-                yield t
-
-
-# --- the cache ------------------------------------------------------------------------------
-
-
-def cache_key(spec: SourceSpec, opts: ReadOptions, fields: Fields, clean_cfg, tok) -> str:
+def cache_key(
+    spec: SourceSpec, opts: ReadOptions, fields: example_reader.Fields, clean_cfg, tok
+) -> str:
     """Names an example cache by everything that decides its contents."""
     what = {
         "format": FORMAT,
         "source": spec.name,
-        "read": _read_identity(spec, opts),
+        "read": example_reader.read_identity(spec, opts),
         "fields": dataclasses.asdict(fields),
-        "clean": _clean_identity(clean_cfg),
+        "clean": example_reader.clean_identity(clean_cfg),
         "tokenizer": tok.sha256,
     }
     digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
@@ -301,17 +141,28 @@ class _RaggedWriter:
 
 
 def _build_split(
-    spec, split, directory: Path, tok, opts, fields: Fields, clean_cfg, num_classes, log
+    spec,
+    split,
+    directory: Path,
+    tok,
+    opts,
+    fields: example_reader.Fields,
+    clean_cfg,
+    num_classes,
+    log,
 ) -> dict:
     """Read, clean and tokenize one split into the directory; its manifest entry."""
     dtype = cache.token_dtype(tok.vocab_size)
     inputs_out, targets_out = _RaggedWriter(dtype), _RaggedWriter(dtype)
     labels, texts, dropped, kept = [], [], [0], 0
-    records = _records(spec, split, opts, fields, num_classes)
+    records = example_reader.records(spec, split, opts, fields, num_classes)
     # Training drops examples that are empty after cleaning: they teach nothing. Validation
     # keeps every example, so scores stay comparable with other work on the same split.
     chunks = _chunks(
-        records, _text_cleaner(clean_cfg), fields.seq2seq, dropped if split == "train" else None
+        records,
+        example_reader.text_cleaner(clean_cfg),
+        fields.seq2seq,
+        dropped if split == "train" else None,
     )
     start = last_log = time.monotonic()
     for inputs, others, input_ids, target_ids in _encoded(chunks, tok, fields.seq2seq):
@@ -358,8 +209,8 @@ def _build_split(
 def build_cache(config, tok, log: Callable[[str], None] = monitor.console) -> tuple[Path, dict]:
     """(directory, manifest) of the configured task's example cache, building it if missing."""
     d = config.data
-    spec = _one_source(config, readers.parse_sources(d.source))
-    fields, opts = Fields.from_config(config), ReadOptions.from_config(d)
+    spec = example_reader.one_source(config, readers.parse_sources(d.source))
+    fields, opts = example_reader.Fields.from_config(config), ReadOptions.from_config(d)
     clean_cfg = CleanConfig.from_config(d)
     directory = cache.root(config) / "examples" / cache_key(spec, opts, fields, clean_cfg, tok)
     manifest = read_manifest(directory)
@@ -380,9 +231,9 @@ def build_cache(config, tok, log: Callable[[str], None] = monitor.console) -> tu
     manifest = {
         "format": FORMAT,
         "source": spec.name,
-        "read": _read_identity(spec, opts),
+        "read": example_reader.read_identity(spec, opts),
         "fields": dataclasses.asdict(fields),
-        "cleaning": _clean_identity(clean_cfg),
+        "cleaning": example_reader.clean_identity(clean_cfg),
         "tokenizer_sha256": tok.sha256,
         "vocab_size": tok.vocab_size,
         "splits": {},

@@ -1,7 +1,7 @@
 """Labelled-example tasks (seq2seq pairs, classification): one example per row, not documents.
 
-`make_example_source(config, tok)` builds (or reuses) the task's example cache
-(jaxlm/data/example_cache.py: reading, cleaning, tokenizing once) and serves step-addressed
+`make_example_source(config, tok)` builds (or reuses) the task's example cache (example_reader.py
+reads the examples, example_cache.py cleans and tokenizes them once) and serves step-addressed
 numpy batches from it. A batch row is an example's ids cut to the row length minus one, then
 EOS, then padding (id 0); eval batches cover every validation example once.
 """
@@ -16,7 +16,8 @@ import numpy as np
 
 from jaxlm import monitor
 from jaxlm.data import pipeline, source, spans
-from jaxlm.data.example_cache import SPLITS, TEXTS, Fields, Ragged, build_cache
+from jaxlm.data.example_cache import SPLITS, TEXTS, Ragged, build_cache
+from jaxlm.data.example_reader import Fields
 from jaxlm.data.readers import DataError
 
 

@@ -50,9 +50,9 @@ def train_tokenizer(config, specs: list[SourceSpec], out_path: str | Path):
     """Train the configured SentencePiece model on a sample of the configured sources."""
     d = config.data
     if config.task.objective in EXAMPLE_OBJECTIVES:
-        from jaxlm.data import example_cache
+        from jaxlm.data import example_reader  # TensorFlow only for TFDS examples
 
-        texts = _first_chars(example_cache.example_texts(config, specs), d.tokenizer_sample_chars)
+        texts = _first_chars(example_reader.example_texts(config, specs), d.tokenizer_sample_chars)
     else:
         texts = prepare.sample_texts(
             specs, ReadOptions.from_config(d), CleanConfig.from_config(d), d.tokenizer_sample_chars
