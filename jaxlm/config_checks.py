@@ -152,6 +152,11 @@ def _validate_task(config: ml_collections.ConfigDict) -> None:
                 )
     if k.logits_chunk < 0:
         raise ConfigError(f"task.logits_chunk must be >= 0 (0: no chunking), got {k.logits_chunk}")
+    if k.logits_chunk and k.objective == "classify":
+        raise ConfigError(
+            f"task.logits_chunk={k.logits_chunk} chunks token losses; task.objective=classify "
+            "has class logits only: set --config.task.logits_chunk=0"
+        )
     if config.train.eval_decode < 0:
         raise ConfigError(f"train.eval_decode must be >= 0, got {config.train.eval_decode}")
     if config.train.eval_decode and k.objective != "seq2seq":

@@ -77,8 +77,12 @@ def test_chunking_shrinks_the_compiled_step():
     assert whole - chunked > logits_bytes, (whole, chunked)
 
 
-def test_negative_chunk_is_a_config_error():
+def test_bad_chunks_are_config_errors():
     c = tiny_config()
     c.task.logits_chunk = -1
     with pytest.raises(ConfigError, match="task.logits_chunk must be >= 0"):
+        config_lib.validate(c)
+    c = tiny_config(objective="classify")
+    c.task.logits_chunk = 8
+    with pytest.raises(ConfigError, match="classify has class logits only"):
         config_lib.validate(c)
