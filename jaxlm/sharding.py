@@ -63,8 +63,9 @@ def make_mesh(
         sizes[fill[0]] = per_slice // known
     if math.prod(sizes.values()) != per_slice:
         raise ShardingError(
-            f"mesh {sizes} needs {math.prod(sizes.values())} devices but {per_slice} are "
-            f"present{where}; set one of mesh.data/fsdp/tensor to -1 to fill"
+            f"mesh {sizes} needs {math.prod(sizes.values())} devices but {per_slice} "
+            f"{'is' if per_slice == 1 else 'are'} present{where}; set one of "
+            "mesh.data/fsdp/tensor to -1 to fill"
         )
     return Mesh(device_grid(devices, slices, [sizes[a] for a in MESH_AXES[1:]]), MESH_AXES)
 

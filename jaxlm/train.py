@@ -98,6 +98,12 @@ def setup(config, workdir: str | Path, devices=None) -> Setup:
     objective = tasks.make_objective(config, data)
     mesh = sharding.mesh_from_config(config.mesh, devices)
     sharding.check_batch(config.data.batch_size, mesh, config.optim.grad_accum_steps)
+    platform = mesh.devices.flat[0].platform
+    if config.model.attention_impl == "cudnn" and platform != "gpu":
+        raise config_lib.ConfigError(
+            f"model.attention_impl=cudnn needs an NVIDIA GPU but the devices are {platform}; "
+            "add --config.model.attention_impl=xla"
+        )
     graphdef, abstract_params, axes = abstract_model(model_cfg)
     frozen = finetune.freeze_mask(abstract_params, config.train.freeze)
     tx, schedule = make_optimizer(config.optim, config.train.steps, abstract_params, frozen)
@@ -249,8 +255,6 @@ def train(config, workdir: str | Path, devices=None) -> dict:
     """Train (or resume) the configured model in `workdir`; returns the final metrics."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        save_config(config, workdir)
     s = setup(config, workdir, devices)
     ckpt = Checkpointer(checkpoint_dir(config, workdir), keep=config.train.keep_checkpoints)
     try:
@@ -285,7 +289,7 @@ class _Loop:
     """The hot loop: dispatch ahead, read metrics one step late, save and evaluate on schedule."""
 
     def __init__(self, s: Setup, ckpt: Checkpointer, workdir: Path):
-        self.s, self.ckpt, self.cfg = s, ckpt, s.config.train
+        self.s, self.ckpt, self.cfg, self.workdir = s, ckpt, s.config.train, workdir
         self.writer = monitor.MetricsWriter(workdir)
         row = config_lib.row_len(s.config)
         self.tokens_per_step = s.config.data.batch_size * row
@@ -301,6 +305,10 @@ class _Loop:
         s, cfg = self.s, self.cfg
         with sharding.use_rules(s.mesh, s.config.mesh.rules):
             state = restore_or_init(s, self.ckpt)
+            # Only now: a launch refused by the checks above must not replace the config of
+            # the checkpoints already in the workdir (eval and generate read it).
+            if jax.process_index() == 0:
+                save_config(s.config, self.workdir)
             start = int(jax.device_get(state["step"]))
             if s.data.baselines:
                 monitor.console(
@@ -313,9 +321,8 @@ class _Loop:
                 self._save(step, state)
                 self.ckpt.wait()
                 why = f"received signal {stop.received}" if stop.received else "train.stop_at"
-                monitor.console(
-                    f"{why}: saved checkpoint at step {step}; run the same command to resume"
-                )
+                again = "the same command" if stop.received else "without train.stop_at"
+                monitor.console(f"{why}: saved checkpoint at step {step}; run {again} to resume")
                 return {"step": step, "stopped": True}
             final = self._evaluate(step, state["params"])
             self._save(step, state)

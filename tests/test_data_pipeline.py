@@ -344,3 +344,11 @@ def test_cli_prepare_inspect_bench(tmp_path, tok) -> None:
     bad = run("inspect", "--config.data.source=text:/nonexistent/*.txt")
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines()[-1].startswith("jaxlm-data: error: text:/nonexistent")
+    examples = run(
+        "inspect", "--config.task.objective=seq2seq", "--config.model.family=encoder_decoder",
+        "--config.data.input_key=text", "--config.data.target_key=text",
+    )  # fmt: skip
+    assert examples.returncode == 1
+    last = examples.stderr.strip().splitlines()[-1]
+    assert last.startswith("jaxlm-data: error: jaxlm-data inspect reads documents"), last
+    assert "`jaxlm-data prepare` builds their cache" in last

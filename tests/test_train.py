@@ -35,7 +35,7 @@ def final_loss(workdir: Path) -> float:
         ("classify", "decoder"),
     ],
 )
-def test_resume_equals_uninterrupted(tmp_path, objective, family):
+def test_resume_equals_uninterrupted(tmp_path, capsys, objective, family):
     c = tiny_config(objective=objective)
     c.model.family = family
     c.model.dropout = 0.1  # dropout (and mlm masking) keys must also continue exactly
@@ -43,6 +43,8 @@ def test_resume_equals_uninterrupted(tmp_path, objective, family):
     c.train.stop_at = 3
     half = train.train(c, tmp_path / "split")
     assert half == {"step": 3, "stopped": True}
+    out = capsys.readouterr().out
+    assert "train.stop_at: saved checkpoint at step 3; run without train.stop_at to resume" in out
     c.train.stop_at = 0
     rest = train.train(c, tmp_path / "split")
     assert rest["step"] == 6
@@ -109,11 +111,18 @@ def test_checkpoint_from_another_model_is_refused_and_untouched(tmp_path):
     c.train.steps = 3
     train.train(c, tmp_path)
     before = checkpoint_files(tmp_path)
+    saved = (tmp_path / "config.json").read_text()
     c.model.d_model = 64
     c.train.steps = 6
     with pytest.raises(CheckpointError, match=r"model.d_model=32 \(config has 64\)"):
         train.train(c, tmp_path)
+    c.model.d_model, c.mesh.data = 32, 3  # a mesh that does not fit: refused in setup
+    with pytest.raises(ValueError, match="needs 3 devices but 8 are present"):
+        train.train(c, tmp_path)
     assert checkpoint_files(tmp_path) == before
+    # The run's config (what eval and generate read) is neither replaced nor renamed.
+    assert (tmp_path / "config.json").read_text() == saved
+    assert not list(tmp_path.glob("config.*.json"))
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):

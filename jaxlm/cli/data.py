@@ -126,6 +126,12 @@ def main(argv: list[str]) -> None:
         specs = readers.parse_sources(config.data.source)
         if specs[0].kind == "synthetic":
             raise ValueError("data.source=synthetic has no text; choose a text source")
+        if command in ("inspect", "bench") and config.task.objective in EXAMPLE_OBJECTIVES:
+            raise ValueError(
+                f"{PROGRAM} {command} reads documents, and task.objective="
+                f"{config.task.objective} reads labelled examples: `{PROGRAM} prepare` builds "
+                "their cache, and jaxlm-train writes their length statistics to WORKDIR/data.json"
+            )
         {"tokenizer": _tokenizer, "prepare": _prepare, "inspect": _inspect, "bench": _bench}[
             command
         ](config, specs)
