@@ -8,6 +8,7 @@ where the checkpoint left it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -309,6 +310,9 @@ class _Loop:
             # the checkpoints already in the workdir (eval and generate read it).
             if jax.process_index() == 0:
                 save_config(s.config, self.workdir)
+                if s.data.description is not None:
+                    text = json.dumps(s.data.description, indent=2) + "\n"
+                    (self.workdir / "data.json").write_text(text)
             start = int(jax.device_get(state["step"]))
             if s.data.baselines:
                 monitor.console(

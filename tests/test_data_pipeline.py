@@ -262,7 +262,8 @@ def test_make_source_records_tokenizer_and_refuses_another(tmp_path, tok) -> Non
     data = source.make_source(c, tmp_path / "run", log=_quiet)
     assert data.tokenizer_sha256 == tok.sha256 and data.vocab_size == 512 and data.packed
     assert set(data.baselines) == {"zlib-9", "xz-9"}
-    described = json.loads((tmp_path / "run" / "data.json").read_text())
+    described = data.description
+    assert not (tmp_path / "run" / "data.json").exists()  # training writes it, not the source
     assert described["tokenizer_sha256"] == tok.sha256
     assert described["sources"][0]["train"]["documents"] == 2
     other = tokenizer.train_tokenizer(corpus.read_split("train")[:5], tmp_path / "o.model", 400)
@@ -270,7 +271,7 @@ def test_make_source_records_tokenizer_and_refuses_another(tmp_path, tok) -> Non
     with pytest.raises(DataError, match="trained with another tokenizer"):
         source.make_source(c, tmp_path / "run", log=_quiet)
     # A prepared cache made with one tokenizer is refused by a run using another.
-    cache_dir = json.loads((tmp_path / "run" / "data.json").read_text())["sources"][0]["cache"]
+    cache_dir = described["sources"][0]["cache"]
     c.data.source = f"prepared:{cache_dir}"
     with pytest.raises(DataError, match="was tokenized with tokenizer") as err:
         source.make_source(c, tmp_path / "run2", log=_quiet)

@@ -371,5 +371,5 @@ def test_make_source_serves_example_tasks(tmp_path, tok) -> None:
     c = _seq2seq_jsonl(tmp_path, tokenizer=str(tok.path))
     data = source_lib.make_source(c, tmp_path / "run", log=_quiet)
     assert data.eval_examples is not None and data.train_batch(0)["targets"].shape == (8, 6)
-    described = json.loads((tmp_path / "run" / "data.json").read_text())
+    described = data.description
     assert described["validation"]["examples"] == 13 and described["task"] == "seq2seq"

@@ -59,6 +59,15 @@ def test_eval_program_reproduces_the_loop(run_dir, step):
         np.testing.assert_allclose(got[key], want[key], rtol=1e-6, err_msg=key)
 
 
+def test_eval_on_other_data_leaves_the_run_records(run_dir, tmp_path):
+    records = {n: (run_dir / n).read_bytes() for n in ("config.json", "data.json")}
+    assert json.loads(records["data.json"])["sources"][0]["source"] == "python_stdlib"
+    (tmp_path / "other.txt").write_text("".join(f"x_{i} = {i}\n" for i in range(400)))
+    other = evaluate_run(run_dir, overrides=[f"--config.data.source=file:{tmp_path}/other.txt"])
+    assert other["bits_per_byte"] != evaluate_run(run_dir)["bits_per_byte"]
+    assert {n: (run_dir / n).read_bytes() for n in records} == records
+
+
 def test_eval_program_reproduces_the_masked_lm_loop(tmp_path):
     mlm_dir = train_stdlib(tmp_path, "mlm")
     for step in (2, 4):

@@ -47,6 +47,8 @@ class DataSource:
     # order, each {"input_ids": np.ndarray, "input": str, "reference": str or "label": int}.
     eval_examples: Callable[[int], list[dict]] | None = None
     sentinel_ids: tuple[int, ...] = ()  # <extra_id_0>, <extra_id_1>, ... (span corruption)
+    # What the run reads (tokenizer hash, caches, counts); training writes it to data.json.
+    description: dict | None = None
 
 
 def make_source(
@@ -74,9 +76,8 @@ def make_source(
     else:
         text = TextData(config, tok, specs, log)
         data, described = text.source(), text.describe()
-    if jax.process_index() == 0:
-        (workdir / "data.json").write_text(json.dumps(described, indent=2) + "\n")
-    return data
+    # Not written here: the eval program builds sources too, maybe over other data.
+    return dataclasses.replace(data, description=described)
 
 
 def _span_corruption(config, text: TextData, raw_len: int) -> DataSource:
