@@ -64,7 +64,7 @@ def _print(result: dict) -> None:
 
 
 def run() -> None:
-    app.run(main, flags_parser=common.make_flags_parser(_OVERRIDES))
+    app.run(main, flags_parser=common.make_flags_parser(_OVERRIDES, __name__))
 
 
 if __name__ == "__main__":

@@ -29,9 +29,20 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     return rest, overrides
 
 
-def make_flags_parser(store: list[str]):
+def make_flags_parser(store: list[str], module: str):
+    """absl's flags parser for the entry point `module` (its __name__), with overrides split
+    off into `store`. --help prints the module's docstring and its own flags (absl's would list
+    those of the console-script wrapper, which has none)."""
+
     def parse(argv: list[str]) -> list[str]:
         rest, overrides = split_overrides(argv)
+        if any(a in ("--help", "-h", "--helpshort", "-?") for a in rest[1:]):
+            print((sys.modules[module].__doc__ or "").strip() + "\n")
+            defined = flags.FLAGS.flags_by_module_dict()
+            shown = [m for m in (module, __name__) if m in defined]  # + distributed flags
+            print("Flags:\n" + "\n".join(flags.FLAGS.module_help(m) for m in shown))
+            print("  --config.KEY=VALUE: override any config key (README: config cheat sheet)")
+            sys.exit(0)
         store.extend(overrides)
         return flags.FLAGS(rest)
 

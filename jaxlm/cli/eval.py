@@ -80,7 +80,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    app.run(main, flags_parser=common.make_flags_parser(_OVERRIDES))
+    app.run(main, flags_parser=common.make_flags_parser(_OVERRIDES, __name__))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,31 @@
+"""--help on each console script shows its usage and its own flags."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent  # the venv's console scripts (pip install -e)
+
+
+@pytest.mark.parametrize(
+    "program,flag",
+    [
+        ("jaxlm-train", "--coordinator_address"),
+        ("jaxlm-eval", "--beam_size"),
+        ("jaxlm-generate", "--top_p"),
+        ("jaxlm-bench", "--topology"),
+        ("jaxlm-data", "--shard_tokens"),
+    ],
+)
+def test_help_lists_the_programs_flags(program, flag):
+    script = BIN / program
+    if not script.exists():
+        pytest.skip(f"{script} is not installed (make install)")
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith(program), out.stdout[:200]
+    assert flag in out.stdout and "--config.KEY=VALUE" in out.stdout
