@@ -206,11 +206,13 @@ def test_tasks_are_deterministic(docstring_sets, package_sets) -> None:
         ("stdlib_package", {"code", "label", "path"}, ("code", "label")),
     ],
 )
-def test_tfds_builders_with_mock_data(tmp_path, name, keys, supervised) -> None:
+def test_tfds_builders_with_mock_data(tmp_path, name, keys, supervised, capsys) -> None:
     tfds = pytest.importorskip("tensorflow_datasets")
     opts = readers.ReadOptions(tfds_data_dir=str(tmp_path))
     with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
         builder = readers.tfds_builder(name, opts)
+        said = f"building TFDS {name} once from the embedded corpus (nothing is downloaded)"
+        assert said in capsys.readouterr().out
         assert builder.name == name and builder.builder_config.name == corpus.config_name()
         assert str(builder.info.version) == "1.0.0"
         assert builder.info.supervised_keys == supervised

@@ -303,6 +303,8 @@ def tfds_builder(name: str, opts: ReadOptions):
         first = str(e).strip().splitlines()[0][:300]
         raise DataError(f"TFDS cannot load {name!r}: {first}") from None
     if own:
+        if not builder.is_prepared():  # TFDS's own progress lines say "Downloading"
+            print(f"building TFDS {name} once from the embedded corpus (nothing is downloaded)")
         try:
             builder.download_and_prepare()  # generated from local files: nothing is downloaded
         except OSError as e:
