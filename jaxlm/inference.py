@@ -51,6 +51,15 @@ def checkpoint_step(config, workdir: str | Path, step: int | None) -> tuple[Chec
     return ckpt, step
 
 
+def run_config(workdir: str | Path, overrides: Sequence[str] = ()):
+    """A run's config for evaluation or generation on this machine: cuDNN attention (a GPU-only
+    kernel, not part of the checkpoint) becomes XLA's, which computes the same, off a GPU."""
+    config = config_lib.load_run_config(workdir, overrides)
+    if config.model.attention_impl == "cudnn" and jax.devices()[0].platform != "gpu":
+        config.model.attention_impl = "xla"
+    return config
+
+
 def evaluate_run(
     workdir: str | Path,
     *,
@@ -87,7 +96,7 @@ def evaluate_run(
         )
     # Checked before any loading, so a bad flag fails in a second, not after the restore.
     BeamSettings(beam_size=beam_size, length_penalty=length_penalty).check()
-    config = config_lib.load_run_config(workdir, overrides)
+    config = run_config(workdir, overrides)
     s = train.setup(config, workdir, devices)
     ckpt, step = checkpoint_step(config, workdir, step)
     try:
@@ -125,7 +134,7 @@ class LanguageModel:
 
     @classmethod
     def load(cls, workdir: str | Path, step: int | None = None, overrides=(), devices=None):
-        config = config_lib.load_run_config(workdir, overrides)
+        config = run_config(workdir, overrides)
         if config.model.family != "decoder":
             raise ValueError(
                 f"{workdir} trained a model.family={config.model.family} model; scoring and "

@@ -94,9 +94,8 @@ def init_state(model_cfg: TransformerConfig, tx, seed: int) -> dict:
 
 
 def setup(config, workdir: str | Path, devices=None) -> Setup:
-    data = make_source(config, workdir)
-    model_cfg = config_lib.model_config(config, data.vocab_size)
-    objective = tasks.make_objective(config, data)
+    # The mesh and platform checks first: a refused launch must not build caches or train a
+    # tokenizer (and pin it to the workdir) before it fails.
     mesh = sharding.mesh_from_config(config.mesh, devices)
     sharding.check_batch(config.data.batch_size, mesh, config.optim.grad_accum_steps)
     platform = mesh.devices.flat[0].platform
@@ -105,6 +104,9 @@ def setup(config, workdir: str | Path, devices=None) -> Setup:
             f"model.attention_impl=cudnn needs an NVIDIA GPU but the devices are {platform}; "
             "add --config.model.attention_impl=xla"
         )
+    data = make_source(config, workdir)
+    model_cfg = config_lib.model_config(config, data.vocab_size)
+    objective = tasks.make_objective(config, data)
     graphdef, abstract_params, axes = abstract_model(model_cfg)
     frozen = finetune.freeze_mask(abstract_params, config.train.freeze)
     tx, schedule = make_optimizer(config.optim, config.train.steps, abstract_params, frozen)

@@ -59,6 +59,17 @@ def test_eval_program_reproduces_the_loop(run_dir, step):
         np.testing.assert_allclose(got[key], want[key], rtol=1e-6, err_msg=key)
 
 
+def test_a_cudnn_run_evaluates_and_generates_off_a_gpu(run_dir):
+    """cuDNN attention is GPU-only and not part of the checkpoint: off a GPU, XLA's runs."""
+    cudnn = ["--config.model.attention_impl=cudnn"]
+    assert evaluate_run(run_dir, overrides=cudnn)["loss"] == evaluate_run(run_dir)["loss"]
+    lm = LanguageModel.load(run_dir, overrides=cudnn)
+    assert lm.config.model.attention_impl == "xla"
+    assert lm.generate(["def "], max_new_tokens=4, temperature=0.0) == LanguageModel.load(
+        run_dir
+    ).generate(["def "], max_new_tokens=4, temperature=0.0)
+
+
 def test_eval_on_other_data_leaves_the_run_records(run_dir, tmp_path):
     records = {n: (run_dir / n).read_bytes() for n in ("config.json", "data.json")}
     assert json.loads(records["data.json"])["sources"][0]["source"] == "python_stdlib"

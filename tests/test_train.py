@@ -96,6 +96,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
         train.train(c, tmp_path)
     kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())
     assert kept and max(kept) < 6
+    assert json.loads((tmp_path / "config.json").read_text())["optim"]["lr"] == 1e30
 
 
 def checkpoint_files(workdir: Path) -> dict:
@@ -162,6 +163,7 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     assert "saved checkpoint at step" in out
     saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir()]
     assert len(saved) == 1 and 3 <= saved[0] < 100000
+    assert (tmp_path / "config.json").is_file()  # what jaxlm-eval and jaxlm-generate read
 
 
 @pytest.mark.parametrize(

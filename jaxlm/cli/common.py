@@ -31,22 +31,28 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def make_flags_parser(store: list[str], module: str):
     """absl's flags parser for the entry point `module` (its __name__), with overrides split
-    off into `store`. --help prints the module's docstring and its own flags (absl's would list
-    those of the console-script wrapper, which has none)."""
+    off into `store`."""
+    _lend_help(module)
 
     def parse(argv: list[str]) -> list[str]:
         rest, overrides = split_overrides(argv)
-        if any(a in ("--help", "-h", "--helpshort", "-?") for a in rest[1:]):
-            print((sys.modules[module].__doc__ or "").strip() + "\n")
-            defined = flags.FLAGS.flags_by_module_dict()
-            shown = [m for m in (module, __name__) if m in defined]  # + distributed flags
-            print("Flags:\n" + "\n".join(flags.FLAGS.module_help(m) for m in shown))
-            print("  --config.KEY=VALUE: override any config key (README: config cheat sheet)")
-            sys.exit(0)
         store.extend(overrides)
         return flags.FLAGS(rest)
 
     return parse
+
+
+def _lend_help(module: str) -> None:
+    """absl's --help prints __main__'s docstring and the key flags of sys.argv[0]; a console
+    script's wrapper has neither, so lend it the entry point's docstring and flags (and the
+    shared distributed ones)."""
+    main = sys.modules["__main__"]
+    if not main.__doc__:
+        main.__doc__ = sys.modules[module].__doc__
+    defined = flags.FLAGS.flags_by_module_dict()
+    for name in (module, __name__):
+        for flag in defined.get(name, []):
+            flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
 
 def fail(program: str, error: BaseException) -> None:
