@@ -309,5 +309,6 @@ def write_eval_record(workdir: str | Path, record: dict, split: str) -> None:
         workdir, jsonl_name="eval_metrics.jsonl", tensorboard_dir="tensorboard/jaxlm-eval"
     )
     numbers = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
-    writer.write(record["step"], {f"{split}/{k}": v for k, v in numbers.items()})
+    extra = {"overrides": record["overrides"]} if record.get("overrides") else {}
+    writer.write(record["step"], {**{f"{split}/{k}": v for k, v in numbers.items()}, **extra})
     writer.close()

@@ -209,6 +209,12 @@ def test_cli_eval_and_generate(run_dir, tmp_path):
     assert {"perplexity", "bits_per_byte", "tokens", "bytes", "step"} <= set(record)
     assert (run_dir / "eval_metrics.jsonl").is_file()
     assert any((run_dir / "tensorboard" / "jaxlm-eval").iterdir())
+    # An eval with overrides records them, so its line differs from the validation eval's.
+    more = ["--config.train.eval_steps=1"]
+    r = cli("jaxlm.cli.eval", "--workdir", str(run_dir), "--step", "4", *more)
+    assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1])["overrides"] == more
+    last = json.loads((run_dir / "eval_metrics.jsonl").read_text().splitlines()[-1])
+    assert last["overrides"] == more and last["step"] == 4 and "validation/loss" in last
 
     r = cli("jaxlm.cli.generate", "--workdir", str(run_dir), "--prompt", "import ",
             "--max_new_tokens", "6", "--temperature", "0")  # fmt: skip

@@ -69,7 +69,8 @@ def main(argv: list[str]) -> None:
         )
     except common.USER_ERRORS as e:
         common.fail("jaxlm-eval", e)
-    record = {"workdir": FLAGS.workdir, "split": FLAGS.split, **metrics}
+    # The overrides say which data (or settings) the figures are for.
+    record = {"workdir": FLAGS.workdir, "split": FLAGS.split, "overrides": _OVERRIDES, **metrics}
     if jax.process_index() != 0:
         return
     inference.write_eval_record(FLAGS.workdir, record, FLAGS.split)
