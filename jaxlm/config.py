@@ -25,6 +25,7 @@ from jaxlm.config_checks import (  # noqa: F401
     OBJECTIVE_FAMILY,
     SPANS_NEED_SENTINELS,
     ConfigError,
+    is_prefix_lm,
     row_len,
     validate,
 )

@@ -101,12 +101,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
 
 
+def is_prefix_lm(config: ml_collections.ConfigDict) -> bool:
+    """seq2seq on a decoder: input, EOS and target in one causal row."""
+    return config.task.objective == "seq2seq" and config.model.family == "decoder"
+
+
 def row_len(config: ml_collections.ConfigDict) -> int:
-    """Tokens in one row of a batch: data.seq_len, and for a prefix LM (seq2seq on a decoder)
-    the input and target in one row, data.seq_len + data.target_len."""
+    """Tokens in one row of a batch: data.seq_len, and for a prefix LM the input and target in
+    one row, data.seq_len + data.target_len."""
     d = config.data
-    prefix_lm = config.task.objective == "seq2seq" and config.model.family == "decoder"
-    return d.seq_len + d.target_len if prefix_lm else d.seq_len
+    return d.seq_len + d.target_len if is_prefix_lm(config) else d.seq_len
 
 
 def _validate_task(config: ml_collections.ConfigDict) -> None:

@@ -32,7 +32,7 @@ from collections.abc import Callable
 import jax
 
 from jaxlm import evaluate, objectives
-from jaxlm.config import MLM_NEEDS_MASK, ConfigError
+from jaxlm.config import MLM_NEEDS_MASK, ConfigError, is_prefix_lm
 from jaxlm.data.source import DataSource
 
 
@@ -56,7 +56,7 @@ def make_objective(config, data: DataSource) -> Objective:
     objective, chunk = config.task.objective, config.task.logits_chunk
     if objective == "mlm":
         return _masked_lm(config.task, data)
-    if objective == "seq2seq" and config.model.family == "decoder":
+    if is_prefix_lm(config):
         return _prefix_lm(chunk)
     if objective in ("seq2seq", "span_corruption"):
         return _seq2seq(objective, chunk)
