@@ -25,6 +25,7 @@ test: install
 	$(BIN)/python -m pytest -q tests
 
 lint: install
+	$(BIN)/lint-imports --config setup.cfg
 	$(BIN)/ruff check jaxlm tests experiments
 	$(BIN)/ruff format --check jaxlm tests experiments
 

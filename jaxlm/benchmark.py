@@ -20,6 +20,8 @@ import numpy as np
 from jaxlm import config as config_lib
 from jaxlm import evaluate, sharding, train
 from jaxlm.data import feed
+from jaxlm.generate import SamplingSettings, make_generate
+from jaxlm.state import ModelState
 
 
 def device_peak_memory_gib() -> float | None:
@@ -30,7 +32,7 @@ def device_peak_memory_gib() -> float | None:
 
 def benchmark(config, steps: int = 20, warmup: int = 3, chunks: int = 4) -> dict:
     """Time `steps` train steps of `config` on synthetic batches already on device."""
-    config.data.source = "synthetic"  # no TensorFlow, no host-side input cost in the figure
+    config = config_lib.with_synthetic_data(config)  # no TensorFlow, no host-side input cost
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
         s = train.setup(config, workdir)
@@ -90,28 +92,24 @@ def decode_benchmark(
     Every row generates exactly `new_tokens` (no EOS); the figure counts generated tokens over
     the wall time of whole generate calls, prefill included, median over `repeats`.
     """
-    from jaxlm.generate import SamplingSettings, make_generate
-
     if prompt_len + new_tokens > (row := config_lib.row_len(config)):
         raise ValueError(
             f"prompt_len {prompt_len} + new_tokens {new_tokens} exceeds the {row} tokens the "
             "model was trained on; lower them or raise --config.data.seq_len"
         )
-    config.data.source = "synthetic"
-    config.mesh.rules = sharding.replicated_batch_rules(config.mesh.rules)
-    with tempfile.TemporaryDirectory() as workdir:
-        s = train.setup(config, workdir)
+    # The model state alone: no data, no optimizer. Any batch size on any mesh: the batch axis
+    # is replicated, as LanguageModel decodes.
+    model_cfg = config_lib.model_config(config, config_lib.synthetic_vocab_size(config))
+    mesh = sharding.mesh_from_config(config.mesh)
+    s = ModelState.build(model_cfg, mesh, sharding.replicated_batch_rules(config.mesh.rules))
     settings = SamplingSettings(max_new_tokens=new_tokens, temperature=1.0)
     generate = make_generate(s.graphdef, settings)
     prompts = jax.random.randint(
-        jax.random.key(0), (batch_size, prompt_len), 0, s.model_cfg.vocab_size, dtype="int32"
+        jax.random.key(0), (batch_size, prompt_len), 0, model_cfg.vocab_size, dtype="int32"
     )
     lengths = jax.numpy.full((batch_size,), prompt_len, "int32")
-    with sharding.use_rules(s.mesh, config.mesh.rules):
-        params = jax.jit(
-            lambda: train.init_state(s.model_cfg, s.tx, config.train.seed)["params"],
-            out_shardings=s.state_shardings["params"],
-        )()
+    params = s.init(config.train.seed)
+    with s.rules_context():
         t0 = time.perf_counter()
         jax.block_until_ready(generate(params, prompts, lengths, jax.random.key(1)))
         compile_s = time.perf_counter() - t0
@@ -146,7 +144,7 @@ def memory_report(config, devices=None) -> dict:
     for `devices` (default: all local devices; TPU topology devices work too, see
     `tpu_topology_devices`). State bytes come from the shardings; the rest is XLA's own analysis.
     """
-    config.data.source = "synthetic"
+    config = config_lib.with_synthetic_data(config)
     with tempfile.TemporaryDirectory() as workdir:
         s = train.setup(config, workdir, devices)
     state = train.abstract_state(s)

@@ -16,7 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jaxlm.data import storage
+from jaxlm import storage
 from jaxlm.sharding import path_name
 
 
@@ -122,6 +122,29 @@ class Checkpointer:
                 "move it aside to resume from an earlier step, or use another --workdir"
             ) from None
         return {k: restored[k] for k in abstract_items}
+
+
+def open_step(directory: str, step: int | None, workdir: str | Path) -> tuple[Checkpointer, int]:
+    """A run's checkpointer and the step to restore (the latest when None), checked; `workdir`
+    is only named in the error."""
+    directory = epath.Path(directory)
+    steps = []
+    if directory.is_dir():
+        ckpt = Checkpointer(directory)
+        steps = ckpt.all_steps()
+    if not steps:
+        raise CheckpointError(
+            f"no checkpoint in {directory}; train first (jaxlm-train --workdir {workdir}) "
+            "or pass the --workdir of a trained run"
+        )
+    if step is None:
+        return ckpt, max(steps)
+    if step not in steps:
+        ckpt.close()
+        raise CheckpointError(
+            f"no checkpoint for step {step} in {directory}; available steps: {sorted(steps)}"
+        )
+    return ckpt, step
 
 
 def _flat_shapes(tree) -> dict[str, tuple]:

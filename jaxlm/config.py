@@ -9,6 +9,7 @@ values of the wrong type with a one-line `ConfigError`. The model never sees a C
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -77,6 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.relative_max_distance = 128  # positions=relative: offsets past this share a bucket
     m.num_classes = 0  # > 0 adds a classification head (not trained by lm or mlm)
     m.pooling = "auto"  # classification pooling: first, mean, last; auto: first (encoder), last
+    # Parameter transforms applied when this run's checkpoint is loaded for use (eval, generate,
+    # init_from; not resume): comma-separated names of jaxlm/transforms.py or package.module:fn.
+    m.transforms = ""
 
     c.task = k = ml_collections.ConfigDict()
     k.objective = "lm"  # lm: next token (model.family=decoder); mlm: masked tokens (encoder)
@@ -281,6 +285,37 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> Transfor
         return TransformerConfig(**fields)
     except ValueError as e:  # its own checks (relative buckets, heads) name the model.* key
         raise ConfigError(str(e)) from None
+
+
+def transform_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """model.transforms ("a, b") -> ("a", "b")."""
+    return tuple(n.strip() for n in config.model.transforms.split(",") if n.strip())
+
+
+def checkpoint_dir(config: ml_collections.ConfigDict, workdir: str | Path) -> str:
+    """train.checkpoint_dir, or WORKDIR/checkpoints when it is empty."""
+    return config.train.checkpoint_dir or str(Path(workdir) / "checkpoints")
+
+
+def for_platform(config: ml_collections.ConfigDict, platform: str) -> ml_collections.ConfigDict:
+    """A copy of a run's config for evaluation or generation on `platform`: cuDNN attention (a
+    GPU-only kernel, not part of the checkpoint) becomes XLA's, which computes the same."""
+    config = copy.deepcopy(config)
+    if config.model.attention_impl == "cudnn" and platform != "gpu":
+        config.model.attention_impl = "xla"
+    return config
+
+
+def synthetic_vocab_size(config: ml_collections.ConfigDict) -> int:
+    """The vocabulary of synthetic data: model.vocab_size, else data.tokenizer_vocab_size."""
+    return config.model.vocab_size or config.data.tokenizer_vocab_size
+
+
+def with_synthetic_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` training on synthetic batches (the benchmarks' input: no host cost)."""
+    config = copy.deepcopy(config)
+    config.data.source = "synthetic"
+    return config
 
 
 def gpt2_style(model: ml_collections.ConfigDict) -> None:

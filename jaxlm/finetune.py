@@ -12,7 +12,6 @@ classifier; a differing model.* dimension is an error naming the parameters.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from pathlib import Path
@@ -20,10 +19,10 @@ from pathlib import Path
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxlm import sharding
-from jaxlm.checkpoint import CheckpointError
+from jaxlm import config as config_lib
+from jaxlm import sharding, state, transforms
+from jaxlm.checkpoint import CheckpointError, open_step
 from jaxlm.config import ConfigError
-from jaxlm.models.transformer import TransformerConfig
 
 _STEP = re.compile(r"^(?P<workdir>.*):(?P<step>[^:/]*)$")
 _SHOWN = 5  # parameters named in one error or summary line before "(+N more)"
@@ -69,16 +68,6 @@ def _prefixed(key: str, fn, *args):
         raise CheckpointError(f"{key}: {e}") from None
 
 
-def _pretrained_model_config(meta: dict, where: str) -> TransformerConfig:
-    """The pretrained model's config from its checkpoint meta (vocabulary resolved there)."""
-    fields = {f.name for f in dataclasses.fields(TransformerConfig)}
-    saved = meta.get("model")
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"checkpoint {where} has no model config in its meta: not jaxlm's")
-    # Fields missing from the meta (dropout, dtype...) do not change parameter shapes.
-    return TransformerConfig(**{k: v for k, v in saved.items() if k in fields})
-
-
 def _restore_sharding(leaf, axes, mesh, rules) -> NamedSharding:
     """The rules' sharding for a pretrained-only parameter; replicated if a dim does not divide."""
     spec = sharding.logical_to_spec(axes, rules)
@@ -95,16 +84,14 @@ def load_pretrained(
     """This model's `params` (freshly initialized, sharded) with the pretrained run's matches.
 
     `init_from` is WORKDIR[:STEP] (the latest step when left out), `rules` this run's
-    mesh.rules, `tokenizer_sha256` this run's (None: not checked). Matched parameters are
-    restored straight into `params`' shardings, then cast to their dtypes. Returns (params,
-    report), report = {"loaded", "new", "dropped": [paths], "step": int, "workdir": str}.
-    Raises a one-line ConfigError or CheckpointError for a missing run, step or checkpoint,
-    another tokenizer, parameters of another shape, or no parameter in common.
+    mesh.rules, `tokenizer_sha256` this run's (None: not checked). The pretrained parameters
+    are restored and passed through that run's model.transforms (jaxlm/transforms.py), as every
+    program that uses a run does; the matches are then placed in `params`' shardings and cast
+    to their dtypes. Returns (params, report), report = {"loaded", "new", "dropped": [paths],
+    "step": int, "workdir": str}. Raises a one-line ConfigError or CheckpointError for a
+    missing run, step or checkpoint, another tokenizer, parameters of another shape, or no
+    parameter in common.
     """
-    # train and inference import this module's callers; importing them here avoids a cycle.
-    from jaxlm import config as config_lib
-    from jaxlm import inference, train
-
     workdir, step = parse_init_from(init_from)
     key = f"train.init_from={init_from}"
     if not (Path(workdir) / "config.json").is_file():  # as config.load_run_config looks for it
@@ -113,7 +100,8 @@ def load_pretrained(
         )
     try:
         src_config = config_lib.load_run_config(workdir)
-        ckpt, step = inference.checkpoint_step(src_config, workdir, step)
+        names = transforms.check(config_lib.transform_names(src_config))
+        ckpt, step = open_step(config_lib.checkpoint_dir(src_config, workdir), step, workdir)
     except (ConfigError, CheckpointError) as e:
         raise type(e)(f"{key}: {e}") from None
     # The checkpoint's errors name its directory; the prefix names the key that led there.
@@ -127,54 +115,39 @@ def load_pretrained(
                 f"{tokenizer_sha256[:12]}; leave data.tokenizer empty so the pretrained run's "
                 "tokenizer is used (token ids must mean the same)"
             )
-        _, src_abstract, src_axes = train.abstract_model(_pretrained_model_config(meta, where))
-        ours, src = flat_params(params), flat_params(src_abstract)
-        common = [n for n in ours if n in src]
-        wrong = [n for n in common if tuple(ours[n].shape) != tuple(src[n].shape)]
-        if wrong:
-            details = [
-                f"{n}: pretrained {tuple(src[n].shape)} vs {tuple(ours[n].shape)}" for n in wrong
-            ]
-            raise ConfigError(
-                f"{key}: {len(wrong)} parameter(s) differ in shape from the pretrained run "
-                f"({_listing(details)}); make model.* match {workdir}/config.json"
-            )
-        if not common:
-            raise ConfigError(
-                f"{key}: none of the pretrained run's {len(src)} parameters (e.g. "
-                f"{_listing(sorted(src), 3)}) is in this model (e.g. {_listing(sorted(ours), 3)});"
-                " fine-tune a model of the same model.family"
-            )
-        # Matched parameters land directly in this run's layout and dtype; the pretrained-only
-        # ones (dropped after the restore) get the rules' layout, so none is ever replicated
-        # whole on a device unless it does not divide.
-        meshes = [getattr(ours[n], "sharding", None) for n in common]
-        if not all(isinstance(m, NamedSharding) for m in meshes):
+        try:
+            src_cfg = state.saved_model_config(meta)
+        except ValueError as e:
+            raise CheckpointError(f"{key}: checkpoint {where}: {e}") from None
+        _, src_abstract, src_axes = state.abstract_model(src_cfg)
+        # Checked on shapes, before anything is read.
+        ours = flat_params(params)
+        shapes, _ = transforms.apply_abstract(names, src_abstract, src_cfg)
+        _check_matches(key, workdir, ours, flat_params(shapes))
+        shardings = [getattr(leaf, "sharding", None) for leaf in jax.tree.leaves(params)]
+        if not all(isinstance(sh, NamedSharding) for sh in shardings):
             raise TypeError("load_pretrained needs params with NamedShardings (create_state's)")
-        mesh = meshes[0].mesh
-        is_axes = lambda x: isinstance(x, tuple)  # noqa: E731
-        flat_axes = {
-            sharding.path_name(p): a
-            for p, a in jax.tree_util.tree_flatten_with_path(src_axes, is_leaf=is_axes)[0]
-        }
-        targets = {}
-        for name, leaf in src.items():
-            if name in ours:
-                mine = ours[name]
-                targets[name] = jax.ShapeDtypeStruct(mine.shape, leaf.dtype, sharding=mine.sharding)
-            else:
-                sh = _restore_sharding(leaf, flat_axes[name], mesh, rules)
-                targets[name] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sh)
-        abstract = jax.tree_util.tree_map_with_path(
-            lambda p, _: targets[sharding.path_name(p)], src_abstract
+        mesh = shardings[0].mesh
+        # Restored in the rules' layout (replicated where a dim does not divide): never whole
+        # on one device.
+        abstract = jax.tree.map(
+            lambda leaf, axes: jax.ShapeDtypeStruct(
+                leaf.shape, leaf.dtype, sharding=_restore_sharding(leaf, axes, mesh, rules)
+            ),
+            src_abstract,
+            src_axes,  # its tuples sit where src_abstract has leaves: taken whole
         )
-        restored = flat_params(_prefixed(key, ckpt.restore_params, step, abstract))
+        restored = _prefixed(key, ckpt.restore_params, step, abstract)
     finally:
         ckpt.close()
+    src = flat_params(transforms.apply(names, restored, src_cfg)[0])
+    common = [n for n in ours if n in src]
 
     def pick(path, fresh):
         name = sharding.path_name(path)
-        return restored[name].astype(fresh.dtype) if name in restored else fresh
+        if name not in src:
+            return fresh
+        return jax.device_put(src[name].astype(fresh.dtype), fresh.sharding)
 
     merged = jax.tree_util.tree_map_with_path(pick, params)
     report = {
@@ -185,6 +158,27 @@ def load_pretrained(
         "workdir": workdir,
     }
     return merged, report
+
+
+def _check_matches(key: str, workdir: str, ours: dict, src: dict) -> None:
+    """A one-line ConfigError unless the parameters both models have agree in shape and there
+    is at least one."""
+    common = [n for n in ours if n in src]
+    wrong = [n for n in common if tuple(ours[n].shape) != tuple(src[n].shape)]
+    if wrong:
+        details = [
+            f"{n}: pretrained {tuple(src[n].shape)} vs {tuple(ours[n].shape)}" for n in wrong
+        ]
+        raise ConfigError(
+            f"{key}: {len(wrong)} parameter(s) differ in shape from the pretrained run "
+            f"({_listing(details)}); make model.* match {workdir}/config.json"
+        )
+    if not common:
+        raise ConfigError(
+            f"{key}: none of the pretrained run's {len(src)} parameters (e.g. "
+            f"{_listing(sorted(src), 3)}) is in this model (e.g. {_listing(sorted(ours), 3)});"
+            " fine-tune a model of the same model.family"
+        )
 
 
 def summary_line(report: dict) -> str:

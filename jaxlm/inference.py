@@ -25,39 +25,22 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlm import config as config_lib
-from jaxlm import monitor, seq2seq_eval, sharding, train
-from jaxlm.checkpoint import Checkpointer, CheckpointError
+from jaxlm import monitor, seq2seq_eval, sharding, state, train, transforms
+from jaxlm.checkpoint import Checkpointer, open_step
+from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.generate import BeamSettings, SamplingSettings, make_generate
-
-
-def checkpoint_step(config, workdir: str | Path, step: int | None) -> tuple[Checkpointer, int]:
-    """The run's checkpointer and the step to restore (the latest when None), checked."""
-    directory = epath.Path(train.checkpoint_dir(config, workdir))
-    steps = []
-    if directory.is_dir():
-        ckpt = Checkpointer(directory)
-        steps = ckpt.all_steps()
-    if not steps:
-        raise CheckpointError(
-            f"no checkpoint in {directory}; train first (jaxlm-train --workdir {workdir}) "
-            "or pass the --workdir of a trained run"
-        )
-    if step is None:
-        return ckpt, max(steps)
-    if step not in steps:
-        raise CheckpointError(
-            f"no checkpoint for step {step} in {directory}; available steps: {sorted(steps)}"
-        )
-    return ckpt, step
+from jaxlm.state import ModelState
 
 
 def run_config(workdir: str | Path, overrides: Sequence[str] = ()):
-    """A run's config for evaluation or generation on this machine: cuDNN attention (a GPU-only
-    kernel, not part of the checkpoint) becomes XLA's, which computes the same, off a GPU."""
+    """A run's config for evaluation or generation on this machine (see config.for_platform)."""
     config = config_lib.load_run_config(workdir, overrides)
-    if config.model.attention_impl == "cudnn" and jax.devices()[0].platform != "gpu":
-        config.model.attention_impl = "xla"
-    return config
+    return config_lib.for_platform(config, jax.devices()[0].platform)
+
+
+def open_checkpoint(config, workdir: str | Path, step: int | None) -> tuple[Checkpointer, int]:
+    """The run's checkpointer and the step to restore (the latest when None), checked."""
+    return open_step(config_lib.checkpoint_dir(config, workdir), step, workdir)
 
 
 def evaluate_run(
@@ -97,15 +80,15 @@ def evaluate_run(
     # Checked before any loading, so a bad flag fails in a second, not after the restore.
     BeamSettings(beam_size=beam_size, length_penalty=length_penalty).check()
     config = run_config(workdir, overrides)
-    s = train.setup(config, workdir, devices)
-    ckpt, step = checkpoint_step(config, workdir, step)
+    names = transforms.check(config_lib.transform_names(config))
+    s = train.setup(config, workdir, devices, optimizer=False)
+    ckpt, step = open_checkpoint(config, workdir, step)
     try:
-        with sharding.use_rules(s.mesh, config.mesh.rules):
-            abstract = train.abstract_state(s)["params"]
-            params = ckpt.restore_params(step, abstract, expect_meta=s.meta())
-            metrics = train.run_eval(s, train.make_eval_step(s), params, max_batches)
+        params, s.model = s.model.load(ckpt, step, s.data.tokenizer_sha256, names)
     finally:
         ckpt.close()
+    with s.model.rules_context():
+        metrics = train.run_eval(s, train.make_eval_step(s), params, max_batches)
     if decode and config.task.objective == "seq2seq":
         num_batches = config.train.eval_steps if max_batches is None else max_batches
         metrics.update(
@@ -127,7 +110,7 @@ class LanguageModel:
     """A restored decoder-only model and its tokenizer, with compiled scoring and sampling."""
 
     config: object
-    setup: train.Setup
+    state: ModelState
     params: dict
     tokenizer: object | None
     step: int
@@ -140,24 +123,24 @@ class LanguageModel:
                 f"{workdir} trained a model.family={config.model.family} model; scoring and "
                 "generation need a decoder: evaluate it with jaxlm-eval (inference.evaluate_run)"
             )
-        config.data.source = "synthetic"  # the data is not needed: vocabulary from the tokenizer
+        names = transforms.check(config_lib.transform_names(config))
         tok_path = Path(workdir) / "tokenizer.model"
         tokenizer = None
         if tok_path.is_file():
-            from jaxlm.data.tokenizer import Tokenizer
-
             tokenizer = Tokenizer(tok_path)
-            config.model.vocab_size = config.model.vocab_size or tokenizer.vocab_size
-        s = train.setup(config, workdir, devices)
-        meta = train.checkpoint_meta(s.model_cfg, tokenizer.sha256 if tokenizer else None)
-        ckpt, step = checkpoint_step(config, workdir, step)
+        mesh = sharding.mesh_from_config(config.mesh, devices)
+        ckpt, step = open_checkpoint(config, workdir, step)
         try:
-            with sharding.use_rules(s.mesh, config.mesh.rules):
-                abstract = train.abstract_state(s)["params"]
-                params = ckpt.restore_params(step, abstract, expect_meta=meta)
+            # No data and no optimizer: the checkpoint's meta knows the vocabulary, and the
+            # restore checks the rest of the model config against it.
+            vocab = state.saved_model_config(ckpt.read_meta(step)).vocab_size
+            model = ModelState.build(
+                config_lib.model_config(config, vocab), mesh, config.mesh.rules
+            )
+            params, model = model.load(ckpt, step, tokenizer.sha256 if tokenizer else None, names)
         finally:
             ckpt.close()
-        return cls(config, s, params, tokenizer, step)
+        return cls(config, model, params, tokenizer, step)
 
     @property
     def context_len(self) -> int:
@@ -167,14 +150,14 @@ class LanguageModel:
     @property
     def model(self) -> nnx.Module:
         """The NNX module with the restored parameters, for custom research code."""
-        return nnx.merge(self.setup.graphdef, self.params)
+        return nnx.merge(self.state.graphdef, self.params)
 
     def _rules(self):
         rules = sharding.replicated_batch_rules(self.config.mesh.rules)
-        return sharding.use_rules(self.setup.mesh, rules)
+        return sharding.use_rules(self.state.mesh, rules)
 
     def _replicated(self, x: np.ndarray) -> jax.Array:
-        return jax.device_put(x, NamedSharding(self.setup.mesh, PartitionSpec()))
+        return jax.device_put(x, NamedSharding(self.state.mesh, PartitionSpec()))
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
@@ -209,7 +192,7 @@ class LanguageModel:
 
     @functools.cached_property
     def _logprobs(self):
-        graphdef = self.setup.graphdef
+        graphdef = self.state.graphdef
 
         @jax.jit
         def logprobs(params, tokens_BT):
@@ -262,7 +245,7 @@ class LanguageModel:
         cache = self.__dict__.setdefault("_generate_fns", {})
         key = (settings, on_tokens)
         if key not in cache:
-            cache[key] = make_generate(self.setup.graphdef, settings, on_tokens)
+            cache[key] = make_generate(self.state.graphdef, settings, on_tokens)
         return cache[key]
 
     def sampling_settings(self, **kwargs) -> SamplingSettings:

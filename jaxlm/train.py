@@ -24,10 +24,10 @@ from jaxlm import evaluate, finetune, monitor, sharding, tasks
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.feed import Prefetcher, to_device
 from jaxlm.data.source import DataSource, make_source
-from jaxlm.models.families import build_model
 from jaxlm.models.transformer import TransformerConfig
 from jaxlm.optim import make_optimizer
 from jaxlm.preemption import StopSignal
+from jaxlm.state import ModelState, init_params
 
 
 class TrainingError(RuntimeError):
@@ -36,23 +36,33 @@ class TrainingError(RuntimeError):
 
 @dataclasses.dataclass
 class Setup:
-    """Everything a run needs, built once by `setup`."""
+    """A run's model state (jaxlm/state.py), data, objective and, for training, its optimizer."""
 
     config: object
-    mesh: jax.sharding.Mesh
-    model_cfg: TransformerConfig
-    graphdef: nnx.GraphDef
-    tx: optax.GradientTransformation
-    schedule: optax.Schedule
-    state_shardings: dict
+    model: ModelState
     batch_sharding: NamedSharding
     data: DataSource
     objective: tasks.Objective
+    tx: optax.GradientTransformation | None = None  # None: built for evaluation only
+    schedule: optax.Schedule | None = None
+    state_shardings: dict | None = None  # params, opt_state and step (training only)
     frozen: object = None  # finetune.freeze_mask: a tree of bools like the params, or None
+
+    @property
+    def mesh(self) -> jax.sharding.Mesh:
+        return self.model.mesh
+
+    @property
+    def model_cfg(self) -> TransformerConfig:
+        return self.model.model_cfg
+
+    @property
+    def graphdef(self) -> nnx.GraphDef:
+        return self.model.graphdef
 
     def meta(self) -> dict:
         """What the parameters must agree with (the eval program restores only those)."""
-        return checkpoint_meta(self.model_cfg, self.data.tokenizer_sha256)
+        return self.model.meta(self.data.tokenizer_sha256)
 
     def state_meta(self) -> dict:
         """meta() + what the optimizer state must agree with, for saving and resuming."""
@@ -65,35 +75,15 @@ class Setup:
         }
 
 
-def checkpoint_meta(model_cfg: TransformerConfig, tokenizer_sha256: str | None) -> dict:
-    """What a checkpoint must agree with to be restored into a run or the eval program."""
-    m = dataclasses.asdict(model_cfg)
-    for key in ("dropout", "attention_impl", "dtype", "remat"):
-        m.pop(key)  # free to change between runs
-    return {"model": m, "tokenizer_sha256": tokenizer_sha256}
-
-
-def abstract_model(model_cfg: TransformerConfig):
-    """(graphdef, abstract params as a pure dict, logical axes per param), allocating nothing."""
-    model = nnx.eval_shape(lambda: build_model(model_cfg, rngs=nnx.Rngs(0)))
-    graphdef, params = nnx.split(model, nnx.Param)
-    axes = jax.tree.map(
-        lambda v: v.get_metadata()["axes"], params, is_leaf=lambda x: isinstance(x, nnx.Variable)
-    )
-    return graphdef, params.to_pure_dict(), axes.to_pure_dict()
-
-
 def init_state(model_cfg: TransformerConfig, tx, seed: int) -> dict:
     """Fresh train state; run under jit with out_shardings so it is born sharded."""
-    # RBG keys: XLA's RngBitGenerator compiles in seconds where threefry took 95 s for GPT-2
-    # small on an H100 (2026-11-23); values match across meshes (tests/test_sharding.py).
-    key = jax.random.fold_in(jax.random.key(seed, impl="rbg"), 1)
-    model = build_model(model_cfg, rngs=nnx.Rngs(params=key))
-    params = nnx.state(model, nnx.Param).to_pure_dict()
+    params = init_params(model_cfg, seed)
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
 
-def setup(config, workdir: str | Path, devices=None) -> Setup:
+def setup(config, workdir: str | Path, devices=None, optimizer: bool = True) -> Setup:
+    """The run's mesh, data, objective and model state, plus its optimizer unless `optimizer`
+    is False (the eval program builds none)."""
     # The mesh and platform checks first: a refused launch must not build caches or train a
     # tokenizer (and pin it to the workdir) before it fails.
     mesh = sharding.mesh_from_config(config.mesh, devices)
@@ -105,31 +95,23 @@ def setup(config, workdir: str | Path, devices=None) -> Setup:
             "add --config.model.attention_impl=xla"
         )
     data = make_source(config, workdir)
-    model_cfg = config_lib.model_config(config, data.vocab_size)
-    objective = tasks.make_objective(config, data)
-    graphdef, abstract_params, axes = abstract_model(model_cfg)
-    frozen = finetune.freeze_mask(abstract_params, config.train.freeze)
-    tx, schedule = make_optimizer(config.optim, config.train.steps, abstract_params, frozen)
-    abstract = jax.eval_shape(lambda: init_state(model_cfg, tx, config.train.seed))
-    param_sh = sharding.param_shardings(abstract["params"], axes, mesh, config.mesh.rules)
-    state_sh = {
-        "params": param_sh,
-        "opt_state": sharding.state_shardings(abstract["opt_state"], param_sh, mesh),
+    model = ModelState.build(
+        config_lib.model_config(config, data.vocab_size), mesh, config.mesh.rules
+    )
+    s = Setup(
+        config, model, sharding.batch_sharding(mesh), data, tasks.make_objective(config, data)
+    )
+    if not optimizer:
+        return s
+    s.frozen = finetune.freeze_mask(model.abstract, config.train.freeze)
+    s.tx, s.schedule = make_optimizer(config.optim, config.train.steps, model.abstract, s.frozen)
+    abstract = jax.eval_shape(lambda: init_state(model.model_cfg, s.tx, config.train.seed))
+    s.state_shardings = {
+        "params": model.shardings,
+        "opt_state": sharding.state_shardings(abstract["opt_state"], model.shardings, mesh),
         "step": NamedSharding(mesh, PartitionSpec()),
     }
-    return Setup(
-        config,
-        mesh,
-        model_cfg,
-        graphdef,
-        tx,
-        schedule,
-        state_sh,
-        sharding.batch_sharding(mesh),
-        data,
-        objective,
-        frozen,
-    )
+    return s
 
 
 def create_state(s: Setup) -> dict:
@@ -225,7 +207,7 @@ def make_eval_step(s: Setup):
     replicated = NamedSharding(s.mesh, PartitionSpec())
     return jax.jit(
         eval_step,
-        in_shardings=(s.state_shardings["params"], s.batch_sharding, replicated),
+        in_shardings=(s.model.shardings, s.batch_sharding, replicated),
         out_shardings=replicated,
     )
 
@@ -259,16 +241,13 @@ def train(config, workdir: str | Path, devices=None) -> dict:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     s = setup(config, workdir, devices)
-    ckpt = Checkpointer(checkpoint_dir(config, workdir), keep=config.train.keep_checkpoints)
+    ckpt = Checkpointer(
+        config_lib.checkpoint_dir(config, workdir), keep=config.train.keep_checkpoints
+    )
     try:
         return _Loop(s, ckpt, workdir).run()
     finally:
         ckpt.close()
-
-
-def checkpoint_dir(config, workdir: str | Path) -> str:
-    """train.checkpoint_dir, or WORKDIR/checkpoints when it is empty."""
-    return config.train.checkpoint_dir or str(Path(workdir) / "checkpoints")
 
 
 def restore_or_init(s: Setup, ckpt: Checkpointer) -> dict:

@@ -4,6 +4,7 @@ import atexit
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -84,3 +85,26 @@ def config():
 @pytest.fixture
 def one_device():
     return jax.devices()[:1]
+
+
+def train_stdlib(tmp: Path, objective: str = "lm") -> Path:
+    """4 steps on the embedded corpus; checkpoints at 2 and 4, the loop evaluates at both."""
+    c = tiny_config(source="python_stdlib", objective=objective)
+    c.data.tokenizer_mask = objective == "mlm"
+    c.data.cache_dir = str(tmp / "cache")
+    c.data.tokenizer_vocab_size = 512
+    c.model.vocab_size = 0
+    c.model.max_len = 32
+    c.data.seq_len = 32
+    c.train.steps = 4
+    c.train.eval_every = 2
+    c.train.eval_steps = 2
+    c.train.checkpoint_every = 2
+    train.train(c, tmp / "run")
+    return tmp / "run"
+
+
+@pytest.fixture(scope="session")
+def stdlib_lm_run(tmp_path_factory):
+    """One 4-step LM run on the embedded corpus, shared by the tests that only read it."""
+    return train_stdlib(tmp_path_factory.mktemp("stdlib_lm"))

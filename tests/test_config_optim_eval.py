@@ -9,6 +9,7 @@ from conftest import tiny_config
 
 from jaxlm import config as config_lib
 from jaxlm import evaluate, optim, train
+from jaxlm.state import abstract_model
 
 
 def test_overrides_are_typed():
@@ -89,7 +90,7 @@ def test_weight_decay_mask(tmp_path):
     c = tiny_config()
     config_lib.gpt2_style(c.model)
     s = train.setup(c, tmp_path)
-    _, params, _ = train.abstract_model(s.model_cfg)
+    _, params, _ = abstract_model(s.model_cfg)
     mask = optim.weight_decay_mask(params, c.optim)
     assert mask["blocks"][0]["attn"]["query"]["kernel"] is True
     assert mask["blocks"][0]["attn"]["query"]["bias"] is False

@@ -13,6 +13,7 @@ from jaxlm.checkpoint import Checkpointer, CheckpointError
 from jaxlm.config import ConfigError
 from jaxlm.data import feed
 from jaxlm.finetune import flat_params, freeze_mask, load_pretrained, parse_init_from
+from jaxlm.state import abstract_model
 
 # In tree order (sorted keys), the order of every report list.
 CLASSIFIER = [
@@ -45,7 +46,7 @@ def encoder_run(tmp_path_factory) -> str:
     workdir = tmp_path_factory.mktemp("pre_mlm")
     s = train.setup(c, workdir)
     train.save_config(c, workdir)
-    ckpt = Checkpointer(train.checkpoint_dir(c, workdir))
+    ckpt = Checkpointer(config_lib.checkpoint_dir(c, workdir))
     try:
         ckpt.save(2, train.create_state(s), {**s.state_meta(), "step": 2})
     finally:
@@ -57,7 +58,7 @@ def checkpoint_params(workdir: str, step: int) -> dict:
     """{path: numpy value} of a run's checkpoint, restored the way the eval program does."""
     cfg = config_lib.load_run_config(workdir)
     s = train.setup(cfg, workdir)
-    ckpt = Checkpointer(train.checkpoint_dir(cfg, workdir))
+    ckpt = Checkpointer(config_lib.checkpoint_dir(cfg, workdir))
     try:
         params = ckpt.restore_params(step, train.abstract_state(s)["params"])
     finally:
@@ -186,7 +187,7 @@ def test_mismatches_are_one_line_errors(decoder_run, tmp_path, monkeypatch):
 
 
 def test_freeze_mask_patterns():
-    _, params, _ = train.abstract_model(config_lib.model_config(tiny_config(), 64))
+    _, params, _ = abstract_model(config_lib.model_config(tiny_config(), 64))
     mask = flat_params(freeze_mask(params, "embed, blocks/0/"))
     assert mask["embed/embedding"] and mask["blocks/0/attn/query/kernel"]
     assert mask["blocks/0/mlp_norm/scale"] and not mask["blocks/1/attn/query/kernel"]

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import train_stdlib
 
 from jaxlm import config as config_lib
 from jaxlm import evaluate, train
@@ -20,26 +20,9 @@ from jaxlm.inference import LanguageModel, evaluate_run
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train_stdlib(tmp: Path, objective: str = "lm") -> Path:
-    """4 steps on the embedded corpus; checkpoints at 2 and 4, the loop evaluates at both."""
-    c = tiny_config(source="python_stdlib", objective=objective)
-    c.data.tokenizer_mask = objective == "mlm"
-    c.data.cache_dir = str(tmp / "cache")
-    c.data.tokenizer_vocab_size = 512
-    c.model.vocab_size = 0
-    c.model.max_len = 32
-    c.data.seq_len = 32
-    c.train.steps = 4
-    c.train.eval_every = 2
-    c.train.eval_steps = 2
-    c.train.checkpoint_every = 2
-    train.train(c, tmp / "run")
-    return tmp / "run"
-
-
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    return train_stdlib(tmp_path_factory.mktemp("inference"))
+def run_dir(stdlib_lm_run):
+    return stdlib_lm_run
 
 
 def loop_eval(run_dir: Path, step: int) -> dict:

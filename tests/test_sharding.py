@@ -10,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxlm import sharding, train
 from jaxlm.config import DEFAULT_RULES
+from jaxlm.state import abstract_model
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def test_every_leaf_has_the_sharding_the_rules_say(tmp_path):
     assert state["params"]["blocks"][1]["mlp"]["down"]["kernel"].sharding.spec == P(
         "tensor", "fsdp"
     )
-    _, axes = train.abstract_model(s.model_cfg)[1:]
+    _, axes = abstract_model(s.model_cfg)[1:]
     flat_axes = dict(
         (sharding.path_name(p), a)
         for p, a in jax.tree_util.tree_flatten_with_path(

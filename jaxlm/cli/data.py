@@ -33,7 +33,8 @@ PROGRAM = "jaxlm-data"
 
 
 def _tokenizer(config, specs) -> None:
-    from jaxlm.data import run_tokenizer, storage
+    from jaxlm import storage
+    from jaxlm.data import run_tokenizer
 
     out = _required_out()
     if storage.is_remote(out):  # SentencePiece writes locally; copy the model up afterwards
@@ -49,7 +50,8 @@ def _tokenizer(config, specs) -> None:
 
 
 def _prepare(config, specs) -> None:
-    from jaxlm.data import prepare, run_tokenizer, storage
+    from jaxlm import storage
+    from jaxlm.data import prepare, run_tokenizer
     from jaxlm.data.clean import CleanConfig
     from jaxlm.data.readers import ReadOptions
 
@@ -77,7 +79,8 @@ def _prepare(config, specs) -> None:
 def _prepare_examples(config, tok, out: str) -> None:
     """Example tasks: the tokenized example cache under --out (used as data.cache_dir), and the
     tokenizer beside it, so a multi-host job can read both from shared storage."""
-    from jaxlm.data import example_cache, storage
+    from jaxlm import storage
+    from jaxlm.data import example_cache
 
     config.data.cache_dir = out
     directory, manifest = example_cache.build_cache(config, tok)

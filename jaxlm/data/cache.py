@@ -22,7 +22,7 @@ import pathlib
 
 import numpy as np
 
-from jaxlm.data import storage
+from jaxlm import storage
 from jaxlm.data.readers import DataError
 
 FORMAT = 1

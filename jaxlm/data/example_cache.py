@@ -39,8 +39,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxlm import monitor
-from jaxlm.data import cache, example_reader, prepare, readers, storage
+from jaxlm import monitor, storage
+from jaxlm.data import cache, example_reader, prepare, readers
 from jaxlm.data.clean import CleanConfig
 from jaxlm.data.readers import DataError, ReadOptions, SourceSpec
 

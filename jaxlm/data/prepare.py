@@ -15,7 +15,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-from jaxlm.data import cache, readers, storage
+from jaxlm import storage
+from jaxlm.data import cache, readers
 from jaxlm.data.clean import CleanConfig, Cleaner
 from jaxlm.data.pipeline import compression_bits_per_byte
 from jaxlm.data.readers import DataError, ReadOptions, SourceSpec

@@ -18,7 +18,8 @@ import json
 import re
 from collections.abc import Iterator
 
-from jaxlm.data import corpus, storage
+from jaxlm import storage
+from jaxlm.data import corpus
 
 KINDS = {
     "python_stdlib": "python_stdlib (the embedded corpus: this interpreter's standard library)",

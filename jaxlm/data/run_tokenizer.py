@@ -16,9 +16,9 @@ from pathlib import Path
 
 import jax
 
-from jaxlm import monitor
+from jaxlm import monitor, storage
 from jaxlm.config import EXAMPLE_OBJECTIVES
-from jaxlm.data import cache, prepare, storage, tokenizer
+from jaxlm.data import cache, prepare, tokenizer
 from jaxlm.data.clean import CleanConfig
 from jaxlm.data.readers import DataError, ReadOptions, SourceSpec
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxlm import monitor
+from jaxlm import monitor, storage
 from jaxlm.config import EXAMPLE_OBJECTIVES
-from jaxlm.data import cache, pipeline, prepare, readers, spans, storage
+from jaxlm.data import cache, pipeline, prepare, readers, spans
 from jaxlm.data.clean import CleanConfig
 from jaxlm.data.readers import DataError, ReadOptions, SourceSpec
 from jaxlm.data.run_tokenizer import load_tokenizer

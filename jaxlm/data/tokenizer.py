@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from jaxlm.data import storage
+from jaxlm import storage
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 # Training sentences are multi-line chunks of at most this many characters, so BPE sees real
