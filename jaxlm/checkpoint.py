@@ -16,7 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jaxlm.data import storage
+from jaxlm import storage
 from jaxlm.sharding import path_name
 
 

@@ -22,10 +22,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlm import sharding
 from jaxlm.checkpoint import CheckpointError
-from jaxlm.config import ConfigError
+from jaxlm.config import ConfigError, parse_init_from
 from jaxlm.models.transformer import TransformerConfig
 
-_STEP = re.compile(r"^(?P<workdir>.*):(?P<step>[^:/]*)$")
 _SHOWN = 5  # parameters named in one error or summary line before "(+N more)"
 
 
@@ -39,26 +38,6 @@ def _listing(names, limit: int = _SHOWN) -> str:
     names = list(names)
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
-
-
-def parse_init_from(text: str) -> tuple[str, int | None]:
-    """'WORKDIR[:STEP]' -> (workdir, step or None for the latest); gs:// paths keep their ':'."""
-    text = text.strip()
-    workdir, step = text, None
-    m = _STEP.match(text)
-    # Only a ':' followed by no '/' can start a step: 'gs://bucket/run' has none.
-    if m:
-        if not m["step"].isdigit():
-            raise ConfigError(
-                f"train.init_from={text!r}: STEP after ':' must be a checkpoint step number "
-                "(WORKDIR:300), or leave it out for the latest"
-            )
-        workdir, step = m["workdir"], int(m["step"])
-    if not workdir:
-        raise ConfigError(
-            f"train.init_from={text!r} names no run directory; write WORKDIR or WORKDIR:STEP"
-        )
-    return workdir, step
 
 
 def _prefixed(key: str, fn, *args):

@@ -18,6 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# Span corruption is host-side data work (jaxlm/data/documents/span_corruption.py); re-exported
+# here beside the objective that trains on it.
+from jaxlm.data.documents.span_corruption import (  # noqa: F401
+    corrupted_lengths,
+    noise_counts,
+    random_spans_noise_mask,
+    span_corruption,
+)
 from jaxlm.evaluate import token_nll
 
 # --- BERT masked-LM inputs -------------------------------------------------------------------
@@ -75,76 +83,6 @@ def _draw_excluding(key, shape, vocab_size: int, excluded: list[int]):
 
 
 # --- T5 span corruption (host side) ----------------------------------------------------------
-
-
-def noise_counts(length: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
-    """(noise tokens, spans): at least one of each, and never more spans than either part."""
-    if length < 2:
-        raise ValueError(f"span corruption needs at least 2 tokens, got {length}")
-    num_noise = min(max(round(length * noise_density), 1), length - 1)
-    num_spans = max(round(num_noise / mean_span_length), 1)
-    return num_noise, min(num_spans, num_noise, length - num_noise)
-
-
-def corrupted_lengths(length: int, noise_density=0.15, mean_span_length=3.0) -> tuple[int, int]:
-    """(encoder input length, target length) of a corrupted `length`-token example, no EOS."""
-    num_noise, num_spans = noise_counts(length, noise_density, mean_span_length)
-    return length - num_noise + num_spans, num_noise + num_spans
-
-
-def random_spans_noise_mask(
-    length: int, noise_density: float, mean_span_length: float, rng: np.random.Generator
-) -> np.ndarray:
-    """Bool [length]: alternating clean and noise spans of random lengths, clean first (T5)."""
-    num_noise, num_spans = noise_counts(length, noise_density, mean_span_length)
-    noise = _random_segmentation(num_noise, num_spans, rng)
-    clean = _random_segmentation(length - num_noise, num_spans, rng)
-    lengths = np.stack([clean, noise], axis=1).reshape(-1)
-    return np.repeat(np.tile([False, True], num_spans), lengths)
-
-
-def _random_segmentation(total: int, parts: int, rng: np.random.Generator) -> np.ndarray:
-    """`parts` positive integers summing to `total`, uniformly over such compositions."""
-    cuts = np.sort(rng.choice(total - 1, parts - 1, replace=False) + 1)
-    return np.diff(np.concatenate([[0], cuts, [total]]))
-
-
-def span_corruption(
-    tokens: np.ndarray,
-    rng: np.random.Generator,
-    *,
-    sentinel_ids: Sequence[int],
-    noise_density: float = 0.15,
-    mean_span_length: float = 3.0,
-    eos_id: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(encoder inputs, decoder targets) for one example of real token ids [L].
-
-    Noise span k becomes `sentinel_ids[k]` in the inputs; the targets are each sentinel followed
-    by the span it replaced. Pass the tokenizer's `<extra_id_0>`, `<extra_id_1>`, ... ids in
-    that order. `eos_id`, if given, ends both sequences.
-    """
-    tokens = np.asarray(tokens)
-    noise = random_spans_noise_mask(len(tokens), noise_density, mean_span_length, rng)
-    starts = noise & ~np.concatenate([[False], noise[:-1]])
-    num_spans = int(starts.sum())
-    if num_spans > len(sentinel_ids):
-        raise ValueError(
-            f"{num_spans} noise spans but only {len(sentinel_ids)} sentinel ids; pass more "
-            "sentinels or shorter examples"
-        )
-    sentinel = np.asarray(sentinel_ids, tokens.dtype)[np.cumsum(starts) - 1]
-    inputs = np.where(starts, sentinel, tokens)[~noise | starts]
-    # Targets: every noise token, with its span's sentinel placed just before the span start.
-    noisy = np.flatnonzero(noise)
-    span_starts = starts[noisy]
-    at = np.arange(len(noisy)) + np.cumsum(span_starts)  # shifted by the sentinels so far
-    targets = np.empty(len(noisy) + num_spans, tokens.dtype)
-    targets[at] = tokens[noisy]
-    targets[at[span_starts] - 1] = sentinel[noisy][span_starts]
-    if eos_id is not None:
-        inputs, targets = np.append(inputs, eos_id), np.append(targets, eos_id)
-    return inputs.astype(tokens.dtype), targets.astype(tokens.dtype)
 
 
 def shift_right(targets_BT: jax.Array, start_id: int, segment_ids_BT: jax.Array | None = None):

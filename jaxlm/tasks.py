@@ -33,7 +33,7 @@ import jax
 
 from jaxlm import evaluate, objectives
 from jaxlm.config import MLM_NEEDS_MASK, ConfigError, is_prefix_lm
-from jaxlm.data.source import DataSource
+from jaxlm.data.types import DataSource
 
 
 @dataclasses.dataclass(frozen=True)

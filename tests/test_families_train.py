@@ -11,7 +11,10 @@ from conftest import losses_after, tiny_config
 
 from jaxlm import objectives, tasks, train
 from jaxlm.checkpoint import Checkpointer
-from jaxlm.data import spans, synthetic
+from jaxlm.config import data_spec
+from jaxlm.data.builtin import synthetic
+from jaxlm.data.documents import span_corruption as spans
+from jaxlm.data.types import EOS_ID
 from jaxlm.inference import evaluate_run
 
 # (objective, family): each family with the objectives that train it.
@@ -54,15 +57,15 @@ def test_raw_length_is_the_longest_row_that_fits():
 
 def test_span_corruption_batches_reassemble_the_rows(tmp_path):
     c = tiny_config(objective="span_corruption")
-    data = synthetic.make_source(c)
+    data = synthetic.build(data_spec(c))
     batch = data.train_batch(0)
     raw = spans.raw_length(16, 8, 0.15, 3.0)
-    rows = synthetic.pipeline.synthetic_batch(0, 8, raw, 64 - synthetic.NUM_SENTINELS, 0)
+    rows = synthetic.synthetic_batch(0, 8, raw, 64 - synthetic.NUM_SENTINELS, 0)
     sentinels = set(data.sentinel_ids)
     for b in range(8):
         enc = batch["inputs"][b][batch["input_segment_ids"][b] == 1]
         dec = batch["targets"][b][batch["target_segment_ids"][b] == 1]
-        assert enc[-1] == dec[-1] == synthetic.EOS_ID
+        assert enc[-1] == dec[-1] == EOS_ID
         # Replace each sentinel in the inputs by the span that follows it in the targets.
         spans_of, current = {}, None
         for tok in dec[:-1]:

@@ -1,6 +1,11 @@
-"""The pre-tokenized cache: one source's splits as token shards plus a JSON manifest.
+"""One cache format for both pipelines: a directory (local or gs://, through jaxlm.storage) of
+.npy arrays plus a JSON manifest written last, so a directory without one is incomplete and
+gets rebuilt. Here: the manifest, the cache key, the chunking of texts for tokenization, the
+array writers (document shards with EOS, ragged example ids) and the checks both pipelines
+make before building (one process, an EOS piece). Reading needs numpy only: arrays are
+memory-mapped, from a local copy when the cache is remote.
 
-A cache directory (local or gs://) holds
+Document caches (documents/prepare.py) hold
 
     manifest.json              source, tokenizer hash, cleaning settings and counts, shards
     tokenizer.model            the tokenizer the shards were made with
@@ -8,33 +13,54 @@ A cache directory (local or gs://) holds
     train-00000.docs.npy       int64: end offset of every document within its shard
     validation-00000.*.npy     the same for the validation split
 
-The manifest is written last, so a directory without one is incomplete and gets rebuilt.
-Reading needs numpy only: shards are memory-mapped and rows are cut at read time, so one cache
-serves every seq_len, packed or padded. Remote caches are copied to a local directory first.
+Example caches (examples/cache.py) hold ragged id arrays per split (see there).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import itertools
 import json
 import pathlib
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
+import jax
 import numpy as np
 
-from jaxlm.data import storage
-from jaxlm.data.readers import DataError
+from jaxlm import storage
+from jaxlm.data.specs import SourceSpec
+from jaxlm.data.types import DataError
 
 FORMAT = 1
-ROW_KEYS = ("tokens", "segment_ids", "positions")
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
+CHUNK_CHARS = 2_000_000  # texts are tokenized in chunks of about this many characters
+_DEFAULT_ROOT = "~/.cache/jaxlm"
 
 
-def root(config) -> pathlib.Path:
-    """Where a run's caches live locally: data.cache_dir, by default ~/.cache/jaxlm."""
-    default = pathlib.Path.home() / ".cache" / "jaxlm"
-    return pathlib.Path(config.data.cache_dir or default).expanduser()
+def root(cache_root: str) -> str:
+    """Where caches live: data.cache_dir (local or gs://), by default ~/.cache/jaxlm."""
+    if storage.is_remote(cache_root):
+        return cache_root.rstrip("/")  # pathlib would turn gs://B/D into gs:/B/D
+    return str(pathlib.Path(cache_root or _DEFAULT_ROOT).expanduser())
+
+
+def local_root(cache_root: str) -> pathlib.Path:
+    """A local directory for what must be local (tokenizers, copies of remote caches): the
+    cache root itself, or ~/.cache/jaxlm when that is remote."""
+    local = _DEFAULT_ROOT if storage.is_remote(cache_root) else cache_root or _DEFAULT_ROOT
+    return pathlib.Path(local).expanduser()
+
+
+def cache_key(spec: SourceSpec, what: dict) -> str:
+    """Names a cache by everything that decides its contents (`what`, plus the format and the
+    source): '<source slug>-<12 hex digits>'."""
+    identity = {"format": FORMAT, "source": spec.name, **what}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{spec.slug}-{digest}"
 
 
 def read_manifest(directory: str) -> dict | None:
@@ -61,12 +87,73 @@ def write_manifest(directory: str, manifest: dict) -> None:
     storage.write_bytes(storage.join(directory, MANIFEST), text.encode())
 
 
-def files_of(manifest: dict) -> list[str]:
-    """Every file a cache's manifest refers to."""
-    names = [TOKENIZER]
-    for info in manifest["splits"].values():
-        names += [n for shard in info["shards"] for n in (shard["tokens"], shard["docs"])]
-    return names
+def local_copy(directory: str, manifest: dict, files: list[str], cache_root: str) -> pathlib.Path:
+    """A local directory holding the cache's files: the directory itself, or (remote) a copy
+    keyed by the manifest, so a cache rebuilt in place at the same path is copied afresh."""
+    if not storage.is_remote(directory):
+        return pathlib.Path(directory)
+    version = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+    return storage.local_mirror(directory, files, local_root(cache_root), version)
+
+
+def check_single_process(what: str, fix: str) -> None:
+    """Refuse to build a cache in a multi-process job: every host would tokenize the whole
+    source at once, racing on one directory."""
+    if jax.process_count() > 1:
+        raise DataError(f"no {what} for this run in a multi-process job: {fix}")
+
+
+def check_eos(tok) -> None:
+    """Both caches end every document or example with EOS (examples: at batch time)."""
+    if tok.eos_id < 0:
+        raise DataError(f"tokenizer {tok.path} has no eos piece; train one with jaxlm-data")
+
+
+def chunks(
+    items: Iterable, size: Callable[[object], int], max_chars: int = CHUNK_CHARS
+) -> Iterator[list]:
+    """Items in lists of about max_chars characters (`size` gives an item's)."""
+    chunk, total = [], 0
+    for item in items:
+        chunk.append(item)
+        total += size(item)
+        if total >= max_chars:
+            yield chunk
+            chunk, total = [], 0
+    if chunk:
+        yield chunk
+
+
+def overlapped(items: Iterable, fn: Callable) -> Iterator[tuple]:
+    """(item, fn(item)) in order, fn running in a worker thread while the next item is read.
+
+    SentencePiece's batch encoding releases the GIL, so reading and cleaning the next chunk
+    overlaps with encoding this one.
+    """
+    with ThreadPoolExecutor(1) as pool:
+        pending = None
+        for item in items:
+            job = (item, pool.submit(fn, item))
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = job
+        if pending is not None:
+            yield pending[0], pending[1].result()
+
+
+def save_array(directory: str, name: str, array: np.ndarray) -> None:
+    """Write one .npy file of a cache (local or remote)."""
+    buf = io.BytesIO()
+    np.save(buf, array)
+    storage.write_bytes(storage.join(directory, name), buf.getvalue())
+
+
+def load_array(directory: pathlib.Path, name: str, mmap: bool = False) -> np.ndarray:
+    """One .npy file of a local cache (copy), memory-mapped if asked: a plain ndarray view of
+    the memory map (np.memmap's indexing is slower)."""
+    if mmap:
+        return np.asarray(np.load(directory / name, mmap_mode="r"))
+    return np.load(directory / name)
 
 
 def token_dtype(vocab_size: int):
@@ -124,11 +211,7 @@ class ShardWriter:
             )
         name = f"{self.split}-{len(self.shards):05d}"
         for suffix, array in (("tokens", tokens), ("docs", ends)):
-            buf = io.BytesIO()
-            np.save(buf, array)
-            storage.write_bytes(
-                storage.join(self.directory, f"{name}.{suffix}.npy"), buf.getvalue()
-            )
+            save_array(self.directory, f"{name}.{suffix}.npy", array)
         self.shards.append(
             {
                 "tokens": f"{name}.tokens.npy",
@@ -149,115 +232,55 @@ class ShardWriter:
         }
 
 
-class TokenSplit:
-    """One split of a local cache as a single token stream over memory-mapped shards."""
+class RaggedWriter:
+    """Collects variable-length id lists into one id array plus offsets (example caches)."""
 
-    def __init__(self, directory: pathlib.Path, manifest: dict, split: str) -> None:
-        info = manifest["splits"][split]
-        self.directory, self.split, self.info = directory, split, info
-        self.eos_id = int(manifest["eos_id"])
-        # Plain ndarray views of the memory maps: np.memmap's indexing is slower.
-        self._shards = [
-            np.asarray(np.load(directory / s["tokens"], mmap_mode="r")) for s in info["shards"]
-        ]
-        sizes = np.array([s.shape[0] for s in self._shards], np.int64)
-        self.bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        self._sizes = np.append(sizes, 0)  # a start at the very end has an empty shard
-        self._windows: dict[tuple[int, int], np.ndarray] = {}
-        self.num_tokens = int(self.bounds[-1])
-        self.num_docs = int(info["num_docs"])
-        self.num_bytes = int(info["num_bytes"])
+    def __init__(self, dtype) -> None:
+        self.dtype, self.parts, self.lengths = dtype, [], []
 
-    def doc_ends(self) -> np.ndarray:
-        """int64 [num_docs]: end offset of every document in the stream (read on demand)."""
-        parts = [
-            np.load(self.directory / s["docs"]) + start
-            for s, start in zip(self.info["shards"], self.bounds[:-1], strict=True)
-        ]
-        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    def add(self, ids: list[list[int]]) -> int:
+        lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+        total = int(lengths.sum())
+        self.parts.append(np.fromiter(itertools.chain.from_iterable(ids), self.dtype, total))
+        self.lengths.append(lengths)
+        return total
 
-    def _window(self, shard: int, length: int) -> np.ndarray:
-        """[n - length + 1, length] view of a shard: row gathers become row copies."""
-        key = (shard, length)
-        if key not in self._windows:
-            view = np.lib.stride_tricks.sliding_window_view(self._shards[shard], length)
-            self._windows[key] = view
-        return self._windows[key]
-
-    def gather(self, starts: np.ndarray, length: int) -> np.ndarray:
-        """int32 [len(starts), length]: stream[start : start + length]; -1 past the end."""
-        starts = np.asarray(starts, np.int64)
-        shard = np.searchsorted(self.bounds, starts, "right") - 1
-        local = starts - self.bounds[shard]
-        fits = local + length <= self._sizes[shard]  # wholly inside one shard
-        if starts.size and fits.all() and (shard == shard[0]).all():  # the usual case
-            return self._window(int(shard[0]), length)[local].astype(np.int32)
-        out = np.full((starts.shape[0], length), -1, np.int32)
-        for s in np.unique(shard[fits]):
-            rows = np.flatnonzero(fits & (shard == s))
-            out[rows] = self._window(s, length)[local[rows]]
-        for r in np.flatnonzero(~fits):  # across a shard boundary or the stream end: rare
-            end = min(starts[r] + length, self.num_tokens)
-            pieces = [
-                self._shards[k][max(starts[r], lo) - lo : min(end, hi) - lo]
-                for k in range(shard[r], len(self._shards))
-                for lo, hi in [(self.bounds[k], self.bounds[k + 1])]
-                if lo < end
-            ]
-            out[r, : end - starts[r]] = np.concatenate(pieces)
-        return out
+    def save(self, directory: str, prefix: str) -> dict:
+        tokens = np.concatenate(self.parts) if self.parts else np.zeros(0, self.dtype)
+        lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        save_array(directory, f"{prefix}.tokens.npy", tokens)
+        save_array(directory, f"{prefix}.offsets.npy", offsets)
+        return {"tokens": int(tokens.shape[0]), "max_len": int(lengths.max(initial=0))}
 
 
-class Rows:
-    """A split cut into model rows of seq_len + 1 tokens.
+@dataclasses.dataclass
+class Ragged:
+    """Variable-length id sequences: item i is tokens[offsets[i]:offsets[i + 1]]."""
 
-    Packed: the stream cut every seq_len tokens (consecutive rows share one token, so every
-    token is a target exactly once). Padded: one chunk of one document per row, padded at the
-    end. Segment ids count documents within a row from 1 (0 is padding); positions restart at
-    every document and at every row start.
-    """
+    tokens: np.ndarray
+    offsets: np.ndarray
 
-    def __init__(self, split: TokenSplit, seq_len: int, pack: bool) -> None:
-        if seq_len < 1:
-            raise ValueError(f"seq_len must be positive, got {seq_len}")
-        self.split, self.seq_len, self.pack = split, seq_len, pack
-        if pack:
-            self.num_rows = max(0, -(-(split.num_tokens - 1) // seq_len))
-        else:
-            self._doc_ends = split.doc_ends()
-            self._doc_starts = np.concatenate([[0], self._doc_ends[:-1]]).astype(np.int64)
-            chunks = np.maximum(-(-(self._doc_ends - self._doc_starts - 1) // seq_len), 0)
-            self._cum_rows = np.cumsum(chunks)
-            self.num_rows = int(self._cum_rows[-1]) if chunks.size else 0
+    @classmethod
+    def load(cls, directory: pathlib.Path, prefix: str) -> Ragged:
+        tokens = load_array(directory, f"{prefix}.tokens.npy", mmap=True)
+        return cls(tokens, load_array(directory, f"{prefix}.offsets.npy"))
 
-    def spans(self, row_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(stream start, tokens in the row) of each row."""
-        row_ids = np.asarray(row_ids, np.int64)
-        if self.pack:
-            starts = row_ids * self.seq_len
-            return starts, np.minimum(self.seq_len + 1, self.split.num_tokens - starts)
-        doc = np.searchsorted(self._cum_rows, row_ids, "right")
-        before = np.where(doc > 0, self._cum_rows[doc - 1], 0)
-        starts = self._doc_starts[doc] + (row_ids - before) * self.seq_len
-        return starts, np.minimum(self.seq_len + 1, self._doc_ends[doc] - starts)
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
 
-    def read(self, row_ids: np.ndarray) -> dict[str, np.ndarray]:
-        """int32 [B, seq_len + 1] tokens, segment_ids and positions of the rows."""
-        starts, lengths = self.spans(row_ids)
-        width = self.seq_len + 1
-        offsets = np.arange(width, dtype=np.int32)
-        tokens = self.split.gather(starts, width)
-        short = bool((lengths < width).any())  # padded rows, or the stream's last row
-        if short:
-            valid = offsets < lengths[:, None]
-            tokens = np.where(valid, tokens, 0)
-        # Documents end with eos, so a new one starts after every eos and at every row start.
-        is_start = np.empty(tokens.shape, bool)
-        is_start[:, 0] = True
-        np.equal(tokens[:, :-1], self.split.eos_id, out=is_start[:, 1:])
-        segment_ids = np.cumsum(is_start, axis=1, dtype=np.int32)
-        positions = offsets - np.maximum.accumulate(np.where(is_start, offsets, 0), axis=1)
-        if short:
-            segment_ids *= valid
-            positions *= valid
-        return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+    def rows(self, index: np.ndarray, width: int, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, segment ids) int32 [len(index), width]: each item's ids cut to width - 1,
+        then EOS, then padding 0; segment id 1 on real tokens (EOS included), 0 on padding."""
+        index = np.asarray(index, np.int64)
+        start = self.offsets[index]
+        keep = np.minimum(self.offsets[index + 1] - start, width - 1)
+        col = np.arange(width, dtype=np.int64)
+        real = col < keep[:, None]
+        ids = np.zeros((index.shape[0], width), np.int32)
+        if self.tokens.shape[0]:
+            gathered = self.tokens[np.where(real, start[:, None] + col, 0)]
+            np.copyto(ids, gathered, where=real, casting="unsafe")
+        ids[np.arange(index.shape[0]), keep] = eos_id
+        return ids, (col <= keep[:, None]).astype(np.int32)
