@@ -98,7 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = d = ml_collections.ConfigDict()
     # Comma-separated mixture of KIND[:ARG][@WEIGHT]: python_stdlib, synthetic, tfds:NAME,
-    # text:GLOB, jsonl:GLOB, file:PATH, prepared:DIR (see jaxlm/data/readers.py).
+    # text:GLOB, jsonl:GLOB, file:PATH, prepared:DIR (see jaxlm/data/sources.py).
     d.source = "python_stdlib"  # what to train on; synthetic needs no TensorFlow or text
     d.text_key = "text"  # TFDS feature / JSONL field holding the document text
     d.tfds_data_dir = ""  # where TFDS datasets are prepared (local or gs://); empty: TFDS default
