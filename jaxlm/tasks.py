@@ -12,7 +12,8 @@ mlm: BERT masking of the batch's inputs, on device: in training the key comes fr
      program mask exactly what the uninterrupted loop masked (encoder family).
 seq2seq, span_corruption: teacher-forced targets given the encoder inputs (encoder_decoder
      family); the batches differ (labelled pairs, or T5-corrupted text from
-     jaxlm/data/documents/span_corruption.py), the objective is one. The decoder starts from DECODER_START_ID, as in T5.
+     jaxlm/data/documents/span_corruption.py), the objective is one. The decoder starts from
+     DECODER_START_ID, as in T5.
 seq2seq on a decoder: a prefix LM (supervised fine-tuning of a GPT-style model): input, EOS and
      target in one causal row (objectives.prefix_lm_rows), the loss on the target tokens only;
      the same batches as the encoder-decoder, so data, metrics and decoding are shared.
