@@ -1,6 +1,6 @@
 """classify_tiny: which standard-library package (8 classes) a function comes from, fine-tuned.
 
-The task is `tfds:stdlib_package` (jaxlm/data/task_builders.py): functions of the embedded
+The task is `tfds:stdlib_package` (jaxlm/data/builtin/task_builders.py): functions of the embedded
 Python 3.11 standard library from 8 packages, split by file exactly as the `python_stdlib`
 corpus is, so the pretrained model never saw a validation function. The model is pylm_tiny's
 decoder (4 layers, d=128) with a classification head on the mean of its token states; it

@@ -20,7 +20,7 @@ import json
 import re
 
 from jaxlm import text_metrics
-from jaxlm.data import code_tasks
+from jaxlm.data.builtin import code_tasks
 
 
 def name_words(name: str) -> str:

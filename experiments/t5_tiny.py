@@ -1,6 +1,6 @@
 """t5_tiny: code to docstring with a small T5-style encoder-decoder on the embedded stdlib.
 
-The task is `tfds:code_docstring` (jaxlm/data/task_builders.py): a function's source without
+The task is `tfds:code_docstring` (jaxlm/data/builtin/task_builders.py): a function's source without
 its docstring in, the docstring's first sentence out (6,131 train / 164 validation pairs from
 the Python 3.11 standard library, split by file). T5 blocks: relative position buckets,
 RMSNorm, a GELU MLP, shared and tied embeddings; a 2,048-piece tokenizer trained on the pairs.

@@ -13,10 +13,13 @@ import copy
 import dataclasses
 import importlib.util
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import ml_collections
+
+from jaxlm import storage
 
 # Re-exported: jaxlm.config is the one place callers import config names from.
 from jaxlm.config_checks import (  # noqa: F401
@@ -24,12 +27,15 @@ from jaxlm.config_checks import (  # noqa: F401
     EXAMPLE_OBJECTIVES,
     MLM_NEEDS_MASK,
     OBJECTIVE_FAMILY,
+    OBJECTIVE_LAYOUT,
     SPANS_NEED_SENTINELS,
     ConfigError,
     is_prefix_lm,
     row_len,
     validate,
 )
+from jaxlm.data import specs
+from jaxlm.data.sources import parse_sources
 from jaxlm.models.transformer import TransformerConfig
 
 # Logical axis name -> mesh axis (or tuple of mesh axes, or None for replicated).
@@ -96,7 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = d = ml_collections.ConfigDict()
     # Comma-separated mixture of KIND[:ARG][@WEIGHT]: python_stdlib, synthetic, tfds:NAME,
-    # text:GLOB, jsonl:GLOB, file:PATH, prepared:DIR (see jaxlm/data/readers.py).
+    # text:GLOB, jsonl:GLOB, file:PATH, prepared:DIR (see jaxlm/data/sources.py).
     d.source = "python_stdlib"  # what to train on; synthetic needs no TensorFlow or text
     d.text_key = "text"  # TFDS feature / JSONL field holding the document text
     d.tfds_data_dir = ""  # where TFDS datasets are prepared (local or gs://); empty: TFDS default
@@ -316,6 +322,87 @@ def with_synthetic_data(config: ml_collections.ConfigDict) -> ml_collections.Con
     config = copy.deepcopy(config)
     config.data.source = "synthetic"
     return config
+
+
+def data_spec(config: ml_collections.ConfigDict) -> specs.DataSpec:
+    """The one place a ConfigDict becomes the data layer's frozen DataSpec.
+
+    The layout comes from OBJECTIVE_LAYOUT (synthetic data: its own); the tokenizer of a
+    train.init_from run is resolved to its path here, so the data layer never reads runs.
+    """
+    d, k = config.data, config.task
+    sources = tuple(parse_sources(d.source))
+    layout = "synthetic" if sources[0].kind == "synthetic" else OBJECTIVE_LAYOUT[k.objective]
+    init_from = ""
+    if config.train.init_from and not d.tokenizer:
+        init_from = storage.join(parse_init_from(config.train.init_from)[0], "tokenizer.model")
+    fields = None
+    if k.objective in EXAMPLE_OBJECTIVES:
+        fields = specs.ExampleFields(k.objective, d.input_key, d.target_key, d.label_key)
+    return specs.DataSpec(
+        sources=sources,
+        layout=layout,
+        objective=k.objective,
+        read=specs.ReadOptions(
+            d.text_key,
+            d.tfds_data_dir,
+            d.train_split,
+            d.eval_split,
+            d.eval_fraction,
+            d.decode_errors,
+        ),
+        clean=specs.CleanConfig(
+            d.normalize,
+            d.strip_control,
+            d.strip_whitespace,
+            d.min_doc_chars,
+            d.max_doc_chars,
+            d.dedup,
+        ),
+        tokenizer=specs.TokenizerSpec(
+            path=d.tokenizer,
+            init_from=init_from,
+            vocab_size=d.tokenizer_vocab_size,
+            model_type=d.tokenizer_type,
+            byte_fallback=d.tokenizer_byte_fallback,
+            mask=d.tokenizer_mask,
+            sentinels=d.tokenizer_sentinels,
+            sample_chars=d.tokenizer_sample_chars,
+        ),
+        batch_size=d.batch_size,
+        seq_len=d.seq_len,
+        target_len=d.target_len,
+        pack=d.pack,
+        seed=config.train.seed,
+        fields=fields,
+        spans=specs.SpanSpec(k.noise_density, k.mean_span_length),
+        num_classes=config.model.num_classes,
+        vocab_size=synthetic_vocab_size(config),
+        cache_root=d.cache_dir,
+    )
+
+
+_STEP = re.compile(r"^(?P<workdir>.*):(?P<step>[^:/]*)$")
+
+
+def parse_init_from(text: str) -> tuple[str, int | None]:
+    """'WORKDIR[:STEP]' -> (workdir, step or None for the latest); gs:// paths keep their ':'."""
+    text = text.strip()
+    workdir, step = text, None
+    m = _STEP.match(text)
+    # Only a ':' followed by no '/' can start a step: 'gs://bucket/run' has none.
+    if m:
+        if not m["step"].isdigit():
+            raise ConfigError(
+                f"train.init_from={text!r}: STEP after ':' must be a checkpoint step number "
+                "(WORKDIR:300), or leave it out for the latest"
+            )
+        workdir, step = m["workdir"], int(m["step"])
+    if not workdir:
+        raise ConfigError(
+            f"train.init_from={text!r} names no run directory; write WORKDIR or WORKDIR:STEP"
+        )
+    return workdir, step
 
 
 def gpt2_style(model: ml_collections.ConfigDict) -> None:

@@ -9,6 +9,9 @@ from typing import Any
 
 import ml_collections
 
+from jaxlm.data.sources import parse_sources
+from jaxlm.data.types import DataError
+
 
 class ConfigError(ValueError):
     """A bad config key or value; the message names the key and the fix."""
@@ -39,8 +42,17 @@ OBJECTIVE_FAMILY = {
     "seq2seq": ("encoder_decoder", "decoder"),  # on a decoder: a prefix LM (input, EOS, target)
     "classify": ("encoder", "decoder"),
 }
+# What each objective's batches are made of (data/specs.py LAYOUTS; data.source=synthetic
+# overrides it): the one place that decides it.
+OBJECTIVE_LAYOUT = {
+    "lm": "documents",
+    "mlm": "documents",
+    "span_corruption": "spans",
+    "seq2seq": "examples",
+    "classify": "examples",
+}
 # Objectives that read labelled examples (data.input_key/target_key/label_key), not documents.
-EXAMPLE_OBJECTIVES = ("seq2seq", "classify")
+EXAMPLE_OBJECTIVES = tuple(k for k, v in OBJECTIVE_LAYOUT.items() if v == "examples")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -195,8 +207,6 @@ MLM_NEEDS_MASK = (
 def _trains_tokenizer(config: ml_collections.ConfigDict) -> bool:
     """Whether the run trains its own tokenizer (no data.tokenizer, no prepared cache, no
     train.init_from run whose tokenizer it takes)."""
-    from jaxlm.data.readers import parse_sources  # no TensorFlow import
-
     d = config.data
     kinds = {spec.kind for spec in parse_sources(d.source)}
     given = d.tokenizer or config.train.init_from
@@ -204,8 +214,6 @@ def _trains_tokenizer(config: ml_collections.ConfigDict) -> bool:
 
 
 def _validate_data(d: ml_collections.ConfigDict) -> None:
-    from jaxlm.data.readers import DataError, parse_sources  # no TensorFlow import
-
     try:
         parse_sources(d.source)
     except DataError as e:

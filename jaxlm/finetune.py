@@ -22,9 +22,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxlm import config as config_lib
 from jaxlm import sharding, state, transforms
 from jaxlm.checkpoint import CheckpointError, open_step
-from jaxlm.config import ConfigError
+from jaxlm.config import ConfigError, parse_init_from
 
-_STEP = re.compile(r"^(?P<workdir>.*):(?P<step>[^:/]*)$")
 _SHOWN = 5  # parameters named in one error or summary line before "(+N more)"
 
 
@@ -38,26 +37,6 @@ def _listing(names, limit: int = _SHOWN) -> str:
     names = list(names)
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
-
-
-def parse_init_from(text: str) -> tuple[str, int | None]:
-    """'WORKDIR[:STEP]' -> (workdir, step or None for the latest); gs:// paths keep their ':'."""
-    text = text.strip()
-    workdir, step = text, None
-    m = _STEP.match(text)
-    # Only a ':' followed by no '/' can start a step: 'gs://bucket/run' has none.
-    if m:
-        if not m["step"].isdigit():
-            raise ConfigError(
-                f"train.init_from={text!r}: STEP after ':' must be a checkpoint step number "
-                "(WORKDIR:300), or leave it out for the latest"
-            )
-        workdir, step = m["workdir"], int(m["step"])
-    if not workdir:
-        raise ConfigError(
-            f"train.init_from={text!r} names no run directory; write WORKDIR or WORKDIR:STEP"
-        )
-    return workdir, step
 
 
 def _prefixed(key: str, fn, *args):

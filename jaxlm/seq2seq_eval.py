@@ -31,7 +31,8 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlm import sharding, text_metrics
-from jaxlm.data import spans, synthetic
+from jaxlm.data.batches import padded
+from jaxlm.data.types import EOS_ID, PAD_ID
 from jaxlm.generate import (
     BeamSettings,
     SamplingSettings,
@@ -52,7 +53,7 @@ class IdText:
     BLEU over these "words" is still the n-gram overlap of the id sequences.
     """
 
-    eos_id, pad_id = synthetic.EOS_ID, synthetic.PAD_ID
+    eos_id, pad_id = EOS_ID, PAD_ID
 
     def decode(self, ids: Sequence[int]) -> str:
         return " ".join(str(int(i)) for i in ids)
@@ -107,7 +108,7 @@ def padded_sources(sources: Sequence[np.ndarray], width: int):
         if src.size == 0:
             raise ValueError(f"example {i} has an empty input: inputs hold at least their EOS")
         cut.append(np.append(src[: width - 1], src[-1]) if src.size > width else src)
-    ids, segment_ids = spans.padded(cut, width)
+    ids, segment_ids = padded(cut, width)
     return ids, segment_ids.sum(axis=1).astype(np.int32)
 
 

@@ -78,6 +78,12 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         raise
 
 
+def size(path: str | os.PathLike[str]) -> int:
+    """A file's size in bytes (epath's stat of a remote file has `length`, not `st_size`)."""
+    st = as_path(path).stat()
+    return st.length if is_remote(path) else st.st_size
+
+
 def remove(path: str | os.PathLike[str]) -> None:
     """Delete a file if it exists."""
     target = as_path(path)
@@ -97,7 +103,7 @@ def local_mirror(
     local = cache_root / "mirror" / key
     local.mkdir(parents=True, exist_ok=True)
     missing = [n for n in names if not (local / n).is_file()]
-    need = sum(as_path(remote_dir).joinpath(n).stat().st_size for n in missing)
+    need = sum(size(join(remote_dir, n)) for n in missing)
     free = shutil.disk_usage(local).free
     if need > free:
         raise OSError(

@@ -11,8 +11,9 @@ mlm: BERT masking of the batch's inputs, on device: in training the key comes fr
      (seed, step), in evaluation from the eval batch index, so a resumed run and the eval
      program mask exactly what the uninterrupted loop masked (encoder family).
 seq2seq, span_corruption: teacher-forced targets given the encoder inputs (encoder_decoder
-     family); the batches differ (labelled pairs, or T5-corrupted text from jaxlm/data/spans.py),
-     the objective is one. The decoder starts from DECODER_START_ID, as in T5.
+     family); the batches differ (labelled pairs, or T5-corrupted text from
+     jaxlm/data/documents/span_corruption.py), the objective is one. The decoder starts from
+     DECODER_START_ID, as in T5.
 seq2seq on a decoder: a prefix LM (supervised fine-tuning of a GPT-style model): input, EOS and
      target in one causal row (objectives.prefix_lm_rows), the loss on the target tokens only;
      the same batches as the encoder-decoder, so data, metrics and decoding are shared.
@@ -33,7 +34,7 @@ import jax
 
 from jaxlm import evaluate, objectives
 from jaxlm.config import MLM_NEEDS_MASK, ConfigError, is_prefix_lm
-from jaxlm.data.source import DataSource
+from jaxlm.data.types import DataSource
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,8 @@ from jaxlm import config as config_lib
 from jaxlm import evaluate, finetune, monitor, sharding, tasks
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.feed import Prefetcher, to_device
-from jaxlm.data.source import DataSource, make_source
+from jaxlm.data.source import build_source
+from jaxlm.data.types import DataSource
 from jaxlm.models.transformer import TransformerConfig
 from jaxlm.optim import make_optimizer
 from jaxlm.preemption import StopSignal
@@ -94,7 +95,7 @@ def setup(config, workdir: str | Path, devices=None, optimizer: bool = True) -> 
             f"model.attention_impl=cudnn needs an NVIDIA GPU but the devices are {platform}; "
             "add --config.model.attention_impl=xla"
         )
-    data = make_source(config, workdir)
+    data = build_source(config_lib.data_spec(config), workdir)
     model = ModelState.build(
         config_lib.model_config(config, data.vocab_size), mesh, config.mesh.rules
     )

@@ -7,8 +7,10 @@ import errno
 
 import pytest
 
-from jaxlm.data import code_tasks, corpus, readers
-from jaxlm.data.code_tasks import PACKAGES, first_sentence, functions
+from jaxlm.data import readers
+from jaxlm.data.builtin import code_tasks, corpus
+from jaxlm.data.builtin.code_tasks import PACKAGES, first_sentence, functions
+from jaxlm.data.specs import ReadOptions
 
 SPLITS = ("train", "validation")
 
@@ -208,7 +210,7 @@ def test_tasks_are_deterministic(docstring_sets, package_sets) -> None:
 )
 def test_tfds_builders_with_mock_data(tmp_path, name, keys, supervised, capsys) -> None:
     tfds = pytest.importorskip("tensorflow_datasets")
-    opts = readers.ReadOptions(tfds_data_dir=str(tmp_path))
+    opts = ReadOptions(tfds_data_dir=str(tmp_path))
     with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
         builder = readers.tfds_builder(name, opts)
         said = f"building TFDS {name} once from the embedded corpus (nothing is downloaded)"
@@ -229,7 +231,7 @@ def test_tfds_builders_with_mock_data(tmp_path, name, keys, supervised, capsys) 
 
 def test_tfds_stdlib_package_real_build(tmp_path, package_sets, monkeypatch) -> None:
     tfds = pytest.importorskip("tensorflow_datasets")
-    from jaxlm.data import task_builders  # noqa: F401  (registers the builders)
+    from jaxlm.data.builtin import task_builders  # noqa: F401  (registers the builders)
 
     builder = tfds.builder("stdlib_package", data_dir=str(tmp_path))
     builder.download_and_prepare()
@@ -243,7 +245,7 @@ def test_tfds_stdlib_package_real_build(tmp_path, package_sets, monkeypatch) -> 
 
     # A second run that started the same build loses the race to rename it into place: it
     # reads what the first one prepared.
-    opts = readers.ReadOptions(tfds_data_dir=str(tmp_path))
+    opts = ReadOptions(tfds_data_dir=str(tmp_path))
     lost = [
         FileExistsError("Cannot rename ...: Destination ... already exists."),  # TFDS's check
         OSError(errno.ENOTEMPTY, "Directory not empty"),  # the rename right after it

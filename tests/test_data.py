@@ -12,9 +12,11 @@ import sys
 import numpy as np
 import pytest
 
-from jaxlm.data import corpus, readers, tokenizer
-from jaxlm.data.clean import CleanConfig, Cleaner
-from jaxlm.data.readers import DataError, ReadOptions, SourceSpec
+from jaxlm.data import sources, tokenizer
+from jaxlm.data.builtin import corpus
+from jaxlm.data.clean import Cleaner
+from jaxlm.data.specs import CleanConfig, ReadOptions, SourceSpec
+from jaxlm.data.types import DataError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 NON_ASCII = "déjà vu — naïve café, 日本語, Ελληνικά, emoji 🐍🚀 and a tab\there\r\n\x00end"
@@ -42,7 +44,7 @@ def _run_python(code: str) -> subprocess.CompletedProcess[str]:
 
 
 def _docs(spec: str, split: str = "train", **opts) -> list[str]:
-    return list(readers.documents(readers.parse_sources(spec)[0], split, ReadOptions(**opts)))
+    return list(sources.documents(sources.parse_sources(spec)[0], split, ReadOptions(**opts)))
 
 
 def _one_line_error(exc_info: pytest.ExceptionInfo, *needles: str) -> None:
@@ -111,7 +113,7 @@ def test_byte_lengths_invariant(tok: tokenizer.Tokenizer, validation_texts: list
 
 
 def test_training_is_deterministic_and_cached(tmp_path: pathlib.Path) -> None:
-    from jaxlm.config import base_config
+    from jaxlm.config import base_config, data_spec
     from jaxlm.data import run_tokenizer
 
     texts = corpus.read_split("train")[:20]
@@ -125,14 +127,14 @@ def test_training_is_deterministic_and_cached(tmp_path: pathlib.Path) -> None:
     c = base_config()
     c.data.source, c.data.cache_dir = f"file:{tmp_path}/a.txt", str(tmp_path / "cache")
     c.data.tokenizer_vocab_size = 400
-    specs, logs = readers.parse_sources(c.data.source), []
-    first = run_tokenizer.resolve_tokenizer(c, specs, logs.append)
-    second = run_tokenizer.resolve_tokenizer(c, specs, logs.append)
+    logs = []
+    first = run_tokenizer.resolve_tokenizer(data_spec(c), logs.append)
+    second = run_tokenizer.resolve_tokenizer(data_spec(c), logs.append)
     assert len(logs) == 1 and first.path == second.path and first.sha256 == second.sha256
     assert first.path.parent == tmp_path / "cache" / "tokenizers"
     assert not [p for p in first.path.parent.iterdir() if p.suffix == ".tmp"]
     c.data.tokenizer_sentinels = 2  # another setting: another tokenizer
-    assert run_tokenizer.resolve_tokenizer(c, specs, logs.append).path != first.path
+    assert run_tokenizer.resolve_tokenizer(data_spec(c), logs.append).path != first.path
 
 
 @pytest.mark.parametrize("model_type", ["unigram", "char"])
@@ -168,12 +170,12 @@ def test_bad_model_files_give_one_line_errors(tmp_path: pathlib.Path) -> None:
 
 
 def test_parse_sources() -> None:
-    specs = readers.parse_sources("tfds:c4/en:3.1.0@0.3, jsonl:gs://b/x-{split}.json@0.7")
+    specs = sources.parse_sources("tfds:c4/en:3.1.0@0.3, jsonl:gs://b/x-{split}.json@0.7")
     assert specs == [
         SourceSpec("tfds", "c4/en:3.1.0", 0.3),
         SourceSpec("jsonl", "gs://b/x-{split}.json", 0.7),
     ]
-    assert readers.parse_sources("python_stdlib") == [SourceSpec("python_stdlib")]
+    assert sources.parse_sources("python_stdlib") == [SourceSpec("python_stdlib")]
     assert specs[1].slug == "jsonl_gs_b_x-_split_.json"
 
 
@@ -191,7 +193,7 @@ def test_parse_sources() -> None:
 )
 def test_bad_source_specs(text: str, needle: str) -> None:
     with pytest.raises(DataError) as err:
-        readers.parse_sources(text)
+        sources.parse_sources(text)
     _one_line_error(err, needle)
 
 
@@ -327,16 +329,17 @@ def test_light_modules_do_not_import_tensorflow(tmp_path: pathlib.Path) -> None:
     )
     code = (
         "import sys\n"
-        "import jaxlm.data, jaxlm.data.corpus, jaxlm.data.tokenizer, jaxlm.data.pipeline as p\n"
+        "import jaxlm.data, jaxlm.data.builtin.corpus, jaxlm.data.tokenizer\n"
         "from jaxlm.data import source\n"
-        "from jaxlm.config import base_config\n"
-        "p.synthetic_batch(0, 2, 8, 50, seed=0)\n"
+        "from jaxlm.data.builtin import synthetic\n"
+        "from jaxlm.config import base_config, data_spec\n"
+        "synthetic.synthetic_batch(0, 2, 8, 50, seed=0)\n"
         "c = base_config()\n"
         f"c.data.source = 'file:{tmp_path}/a.txt'\n"
         f"c.data.cache_dir = '{tmp_path}/cache'\n"
         "c.data.tokenizer_vocab_size = 300\n"
         "c.data.seq_len, c.data.batch_size, c.data.eval_fraction = 16, 4, 0.2\n"
-        f"data = source.make_source(c, '{tmp_path}/run', log=lambda s: None)\n"
+        f"data = source.build_source(data_spec(c), '{tmp_path}/run', log=lambda s: None)\n"
         "assert data.train_batch(3, 0, 1)['inputs'].shape == (4, 16)\n"
         "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
     )

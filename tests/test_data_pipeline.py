@@ -13,9 +13,14 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from jaxlm.data import cache, corpus, pipeline, prepare, readers, source, tokenizer
-from jaxlm.data.clean import CleanConfig
-from jaxlm.data.readers import DataError, ReadOptions, SourceSpec
+from jaxlm import config as config_lib
+from jaxlm.data import cache_format, sampling, source, sources, tokenizer
+from jaxlm.data.builtin import corpus
+from jaxlm.data.documents import prepare
+from jaxlm.data.documents import rows as doc_rows
+from jaxlm.data.documents.text import TextData
+from jaxlm.data.specs import CleanConfig, ReadOptions, SourceSpec
+from jaxlm.data.types import DataError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NON_ASCII = "déjà vu — naïve café, 日本語, Ελληνικά, emoji 🐍🚀 and a tab\there\r\n\x00end"
@@ -53,8 +58,8 @@ def _cache(tmp: pathlib.Path, tok, train: list[str], valid=("x = 1\n",), **kw):
     return out, manifest
 
 
-def _rows(out: pathlib.Path, manifest: dict, seq_len: int, pack: bool = True) -> cache.Rows:
-    return cache.Rows(cache.TokenSplit(out, manifest, "train"), seq_len, pack)
+def _rows(out: pathlib.Path, manifest: dict, seq_len: int, pack: bool = True) -> doc_rows.Rows:
+    return doc_rows.Rows(doc_rows.TokenSplit(out, manifest, "train"), seq_len, pack)
 
 
 # --- cache and rows -------------------------------------------------------------------------
@@ -90,7 +95,7 @@ def test_segment_ids_and_positions_reset_at_boundaries(tmp_path, tok) -> None:
     rows = _rows(out, manifest, 16)
     data = rows.read(np.arange(rows.num_rows))
     assert data["tokens"][-1, -1] == 0 and data["segment_ids"][-1, -1] == 0  # padded tail
-    for toks, seg, pos in zip(*(data[k] for k in cache.ROW_KEYS), strict=True):
+    for toks, seg, pos in zip(*(data[k] for k in doc_rows.ROW_KEYS), strict=True):
         valid = seg != 0
         assert seg[0] == 1 and pos[0] == 0
         assert np.all(toks[~valid] == 0) and np.all(pos[~valid] == 0)
@@ -105,7 +110,7 @@ def test_padded_rows_hold_one_document_each(tmp_path, tok, texts) -> None:
     docs = ["x = 1\n", texts[0], "y = 2\n"]
     out, manifest = _cache(tmp_path, tok, docs)
     rows = _rows(out, manifest, 32, pack=False)
-    batch = pipeline.make_batch(rows.read(np.arange(rows.num_rows)), tok.byte_lengths)
+    batch = doc_rows.make_batch(rows.read(np.arange(rows.num_rows)), tok.byte_lengths)
     assert batch["segment_ids"].max() == 1  # never two documents in a row
     targets = [batch["targets"][i][batch["loss_mask"][i] > 0] for i in range(rows.num_rows)]
     # Every token but each document's first is a target exactly once, in order.
@@ -120,9 +125,9 @@ def test_loss_mask_and_target_bytes(tmp_path, tok, texts) -> None:
     out, manifest = _cache(tmp_path, tok, docs)
     rows = _rows(out, manifest, 32)
     data = rows.read(np.arange(rows.num_rows))
-    batch = pipeline.make_batch(data, tok.byte_lengths)
+    batch = doc_rows.make_batch(data, tok.byte_lengths)
     shape = (rows.num_rows, 32)
-    assert {k: v.shape for k, v in batch.items()} == {k: shape for k in pipeline.BATCH_KEYS}
+    assert {k: v.shape for k, v in batch.items()} == {k: shape for k in doc_rows.BATCH_KEYS}
     assert batch["loss_mask"].dtype == np.float32 and batch["target_bytes"].dtype == np.int32
     np.testing.assert_array_equal(batch["targets"][:, :-1], batch["inputs"][:, 1:])
     tgt_seg = data["segment_ids"][:, 1:]
@@ -139,11 +144,11 @@ def test_loss_mask_and_target_bytes(tmp_path, tok, texts) -> None:
 
 def test_manifest_records_source_tokenizer_and_counts(tmp_path, tok) -> None:
     out, manifest = _cache(tmp_path, tok, ["a\n", "b\n", "a\n"], valid=["held out\n"])
-    assert cache.read_manifest(str(out)) == manifest
+    assert cache_format.read_manifest(str(out)) == manifest
     assert manifest["source"].startswith("jsonl:") and manifest["tokenizer_sha256"] == tok.sha256
     assert manifest["splits"]["train"]["num_docs"] == 3  # RAW cleaning keeps duplicates
     assert set(manifest["baselines"]) == {"zlib-9", "xz-9"}
-    assert (out / cache.TOKENIZER).read_bytes() == tok.path.read_bytes()
+    assert (out / cache_format.TOKENIZER).read_bytes() == tok.path.read_bytes()
     assert np.load(out / "train-00000.tokens.npy").dtype == np.uint16  # vocab < 65536
     empty = _jsonl_source(tmp_path / "e", ["\n\n", "   \n"], ["x\n"])
     with pytest.raises(DataError, match="no train documents after cleaning") as err:
@@ -155,15 +160,15 @@ def test_manifest_records_source_tokenizer_and_counts(tmp_path, tok) -> None:
 
 
 def test_row_order_is_a_permutation_per_epoch() -> None:
-    order = pipeline.RowOrder(1000, seed=3)
+    order = sampling.RowOrder(1000, seed=3)
     p0, p1 = order.permutation(0), order.permutation(1)
     assert sorted(p0.tolist()) == list(range(1000)) and not np.array_equal(p0, p1)
     np.testing.assert_array_equal(order.rows(np.arange(990, 1010)), np.r_[p0[990:], p1[:10]])
     keys = np.random.SeedSequence([3, 0, 0]).generate_state(4, np.uint64)
-    np.testing.assert_array_equal(pipeline.keyed_permutation(np.arange(1000), 1000, keys), p0)
-    other = pipeline.RowOrder(1000, seed=4)
+    np.testing.assert_array_equal(sampling.keyed_permutation(np.arange(1000), 1000, keys), p0)
+    other = sampling.RowOrder(1000, seed=4)
     assert not np.array_equal(other.permutation(0), p0)
-    assert pipeline.RowOrder(5, 0, shuffle=False).rows(np.arange(7)).tolist() == [
+    assert sampling.RowOrder(5, 0, shuffle=False).rows(np.arange(7)).tolist() == [
         0,
         1,
         2,
@@ -173,11 +178,11 @@ def test_row_order_is_a_permutation_per_epoch() -> None:
         1,
     ]
     with pytest.raises(ValueError, match="no data: the split has no rows"):
-        pipeline.RowOrder(0, seed=0)
+        sampling.RowOrder(0, seed=0)
 
 
 def test_single_source_steps_walk_epochs() -> None:
-    sampler = pipeline.StepSampler([10], [1.0], batch_size=4, seed=7)
+    sampler = sampling.StepSampler([10], [1.0], batch_size=4, seed=7)
     seen = np.concatenate([sampler.rows_for_step(s)[1] for s in range(5)])
     order = sampler.orders[0]
     np.testing.assert_array_equal(seen, np.r_[order.permutation(0), order.permutation(1)])
@@ -185,7 +190,7 @@ def test_single_source_steps_walk_epochs() -> None:
 
 def test_mixture_weights_within_tolerance() -> None:
     weights = [0.6, 0.3, 0.1]
-    sampler = pipeline.StepSampler([50, 2000, 7], weights, batch_size=16, seed=1)
+    sampler = sampling.StepSampler([50, 2000, 7], weights, batch_size=16, seed=1)
     steps = [sampler.rows_for_step(s) for s in range(400)]
     sources = np.concatenate([s for s, _ in steps])
     np.testing.assert_allclose(np.bincount(sources) / sources.size, weights, atol=0.002)
@@ -196,14 +201,14 @@ def test_mixture_weights_within_tolerance() -> None:
         uses = np.bincount(np.concatenate([r[s == m] for s, r in steps]), minlength=size)
         assert uses.size == size and uses.max() - uses.min() <= 1
     with pytest.raises(ValueError, match="too small for a mixture"):
-        pipeline.StepSampler([5] * 5, [1.0] * 5, batch_size=8, seed=0)
+        sampling.StepSampler([5] * 5, [1.0] * 5, batch_size=8, seed=0)
 
 
 # --- batches for any number of processes -----------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def mixture(tmp_path_factory, tok, texts) -> source.TextData:
+def mixture(tmp_path_factory, tok, texts) -> TextData:
     tmp = tmp_path_factory.mktemp("mix")
     a = _jsonl_source(tmp / "a", texts[:6], texts[6:8])
     b = _jsonl_source(tmp / "b", ["short doc\n", "another one\n"] * 10, ["val b\n", "v\n"])
@@ -211,7 +216,7 @@ def mixture(tmp_path_factory, tok, texts) -> source.TextData:
     c.data.cache_dir = str(tmp / "cache")
     c.data.tokenizer = str(tok.path)
     c.data.dedup = False
-    return source.TextData(c, tok, readers.parse_sources(c.data.source), _quiet)
+    return TextData(config_lib.data_spec(c), tok, _quiet)
 
 
 def test_global_batch_is_the_same_for_1_2_4_processes(mixture, monkeypatch) -> None:
@@ -225,12 +230,12 @@ def test_global_batch_is_the_same_for_1_2_4_processes(mixture, monkeypatch) -> N
             reads.clear()
             parts = [mixture.train_batch(step, i, n) for i in range(n)]
             assert sum(reads) == 8 and max(reads) <= 8 // n  # each reads only its share
-            for k in pipeline.BATCH_KEYS:
+            for k in doc_rows.BATCH_KEYS:
                 np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), whole[k])
     whole = mixture.eval_batches(0, 0, 1)
     parts = [mixture.eval_batches(0, i, 4) for i in range(4)]
     for b, batch in enumerate(whole):
-        for k in pipeline.BATCH_KEYS:
+        for k in doc_rows.BATCH_KEYS:
             np.testing.assert_array_equal(np.concatenate([p[b][k] for p in parts]), batch[k])
     with pytest.raises(ValueError, match="does not divide over 3 processes"):
         mixture.train_batch(0, 0, 3)
@@ -238,10 +243,10 @@ def test_global_batch_is_the_same_for_1_2_4_processes(mixture, monkeypatch) -> N
 
 def test_resume_needs_no_iterator_state(mixture, tok) -> None:
     # A fresh object (a restarted process) gives the same batch at any step, in any order.
-    again = source.TextData(mixture.config, tok, mixture.specs, _quiet)
+    again = TextData(mixture.spec, tok, _quiet)
     for step in (17, 0, 5, 17):
         a, b = mixture.train_batch(step, 0, 1), again.train_batch(step, 0, 1)
-        for k in pipeline.BATCH_KEYS:
+        for k in doc_rows.BATCH_KEYS:
             np.testing.assert_array_equal(a[k], b[k])
     assert not np.array_equal(mixture.train_batch(1, 0, 1)["inputs"], a["inputs"])
 
@@ -259,7 +264,7 @@ def test_make_source_records_tokenizer_and_refuses_another(tmp_path, tok) -> Non
     c = tiny_config(source=spec.name)
     c.data.cache_dir = str(tmp_path / "cache")
     c.data.tokenizer = str(tok.path)
-    data = source.make_source(c, tmp_path / "run", log=_quiet)
+    data = source.build_source(config_lib.data_spec(c), tmp_path / "run", log=_quiet)
     assert data.tokenizer_sha256 == tok.sha256 and data.vocab_size == 512 and data.packed
     assert set(data.baselines) == {"zlib-9", "xz-9"}
     described = data.description
@@ -269,12 +274,12 @@ def test_make_source_records_tokenizer_and_refuses_another(tmp_path, tok) -> Non
     other = tokenizer.train_tokenizer(corpus.read_split("train")[:5], tmp_path / "o.model", 400)
     c.data.tokenizer = str(other.path)
     with pytest.raises(DataError, match="trained with another tokenizer"):
-        source.make_source(c, tmp_path / "run", log=_quiet)
+        source.build_source(config_lib.data_spec(c), tmp_path / "run", log=_quiet)
     # A prepared cache made with one tokenizer is refused by a run using another.
     cache_dir = described["sources"][0]["cache"]
     c.data.source = f"prepared:{cache_dir}"
     with pytest.raises(DataError, match="was tokenized with tokenizer") as err:
-        source.make_source(c, tmp_path / "run2", log=_quiet)
+        source.build_source(config_lib.data_spec(c), tmp_path / "run2", log=_quiet)
     assert "\n" not in str(err.value)
 
 
@@ -284,10 +289,10 @@ def test_make_source_records_tokenizer_and_refuses_another(tmp_path, tok) -> Non
 @pytest.mark.parametrize("name", ["lm1b", "c4/en"])
 def test_tfds_sources_with_mock_data(tmp_path, tok, name) -> None:
     tfds = pytest.importorskip("tensorflow_datasets")
-    spec = readers.parse_sources(f"tfds:{name}")[0]
+    spec = sources.parse_sources(f"tfds:{name}")[0]
     opts = ReadOptions(eval_split="test" if name == "lm1b" else "validation")
     with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
-        docs = list(readers.documents(spec, "validation", opts))
+        docs = list(sources.documents(spec, "validation", opts))
         manifest = prepare.prepare_source(spec, str(tmp_path), tok, opts, RAW, log=_quiet)
     assert len(docs) == 12 and all(isinstance(d, str) and d for d in docs)
     assert manifest["splits"]["train"]["num_docs"] == 12
@@ -295,13 +300,13 @@ def test_tfds_sources_with_mock_data(tmp_path, tok, name) -> None:
     assert rows.read(np.arange(rows.num_rows))["segment_ids"].max() >= 1
     with tfds.testing.mock_data(num_examples=2, policy=tfds.testing.MockPolicy.USE_CODE):
         with pytest.raises(DataError, match="has no feature 'body'"):
-            list(readers.documents(spec, "train", ReadOptions(text_key="body")))
+            list(sources.documents(spec, "train", ReadOptions(text_key="body")))
 
 
 def test_tfds_builder_of_the_embedded_corpus(tmp_path) -> None:
     pytest.importorskip("tensorflow_datasets")
     opts = ReadOptions(tfds_data_dir=str(tmp_path))
-    docs = list(readers.documents(SourceSpec("tfds", "python_stdlib"), "validation", opts))
+    docs = list(sources.documents(SourceSpec("tfds", "python_stdlib"), "validation", opts))
     assert docs == corpus.read_split("validation")
     assert (tmp_path / "python_stdlib" / corpus.config_name() / "1.0.0").is_dir()
 

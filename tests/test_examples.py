@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from jaxlm.data import example_cache, example_reader, examples, readers, tokenizer
-from jaxlm.data.readers import DataError
+from jaxlm.config import data_spec
+from jaxlm.data import cache_format, readers, tokenizer
+from jaxlm.data.examples import cache as example_cache
+from jaxlm.data.examples import source as examples
+from jaxlm.data.types import DataError
 
 EOS = tokenizer.EOS_ID
 
@@ -82,7 +85,7 @@ def _one_line(err: pytest.ExceptionInfo, *needles: str) -> None:
 
 def test_seq2seq_batch_format_truncation_and_references(tmp_path, tok) -> None:
     c = _seq2seq_jsonl(tmp_path)
-    source, described = examples.make_example_source(c, tok, _quiet)
+    source, described = examples.build(data_spec(c), tok, _quiet)
     assert source.packed is False and source.vocab_size == tok.vocab_size
     assert source.tokenizer_sha256 == tok.sha256 and source.special_ids == tok.special_ids
     batch = source.train_batch(0)
@@ -129,7 +132,7 @@ def test_wmt14_mock_data(tmp_path, tok) -> None:
     c = _config(tmp_path, "tfds:wmt14_translate/de-en", "seq2seq", input_key="de", target_key="en")
     c.data.seq_len, c.data.target_len = 64, 64  # mock texts are short: nothing is truncated
     with tfds.testing.mock_data(num_examples=11, policy=tfds.testing.MockPolicy.USE_CODE):
-        source, described = examples.make_example_source(c, tok, _quiet)
+        source, described = examples.build(data_spec(c), tok, _quiet)
         pairs = list(
             tfds.builder("wmt14_translate/de-en").as_dataset(split="validation").as_numpy_iterator()
         )
@@ -153,7 +156,7 @@ def test_sst2_mock_data_labels_and_batches(tmp_path, tok) -> None:
     tfds = pytest.importorskip("tensorflow_datasets")
     c = _config(tmp_path, "tfds:glue/sst2", "classify", input_key="sentence", label_key="label")
     with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
-        source, described = examples.make_example_source(c, tok, _quiet)
+        source, described = examples.build(data_spec(c), tok, _quiet)
         rows = list(tfds.builder("glue/sst2").as_dataset(split="validation").as_numpy_iterator())
     labels = [int(r["label"]) for r in rows]
     refs = source.eval_examples(0)
@@ -181,7 +184,7 @@ def test_jsonl_classify_hash_split_and_empty_inputs(tmp_path, tok) -> None:
     _write_jsonl(tmp_path / "all.jsonl", rows)
     c = _config(tmp_path, f"jsonl:{tmp_path}/all.jsonl", "classify", input_key="text")
     c.data.label_key, c.data.eval_fraction, c.model.num_classes = "y", 0.2, 3
-    data = examples.ExampleData(c, tok, _quiet)
+    data = examples.ExampleData(data_spec(c), tok, _quiet)
     # The hash split on the raw input, in file order; empty-after-cleaning inputs ("  ", "")
     # leave training but stay in validation; "x\x00" is cleaned to "x".
     valid = [r for r in rows if readers.in_split(r["text"], "validation", 0.2)]
@@ -206,8 +209,8 @@ def test_jsonl_classify_hash_split_and_empty_inputs(tmp_path, tok) -> None:
 
 def test_batches_are_pure_functions_of_the_step(tmp_path, tok) -> None:
     c = _seq2seq_jsonl(tmp_path)
-    a = examples.ExampleData(c, tok, _quiet)
-    b = examples.ExampleData(c, tok, _quiet)  # a fresh instance: no iterator state
+    a = examples.ExampleData(data_spec(c), tok, _quiet)
+    b = examples.ExampleData(data_spec(c), tok, _quiet)  # a fresh instance: no iterator state
     for step in (0, 1, 7):
         for key, value in a.train_batch(step).items():
             np.testing.assert_array_equal(value, b.train_batch(step)[key])
@@ -216,14 +219,14 @@ def test_batches_are_pure_functions_of_the_step(tmp_path, tok) -> None:
     seen = np.concatenate([a.sampler.rows_for_step(s)[1] for s in range(5)])
     assert sorted(seen.tolist()) == list(range(40))
     c.train.seed = 1
-    other = examples.ExampleData(c, tok, _quiet)
+    other = examples.ExampleData(data_spec(c), tok, _quiet)
     assert not np.array_equal(a.train_batch(0)["inputs"], other.train_batch(0)["inputs"])
 
 
 @pytest.mark.parametrize("count", [2, 4])
 def test_process_shares_concatenate_to_the_global_batch(tmp_path, tok, count) -> None:
     c = _seq2seq_jsonl(tmp_path)
-    data = examples.ExampleData(c, tok, _quiet)
+    data = examples.ExampleData(data_spec(c), tok, _quiet)
     whole = data.train_batch(5, 0, 1)
     parts = [data.train_batch(5, i, count) for i in range(count)]
     for key, value in whole.items():
@@ -237,7 +240,7 @@ def test_process_shares_concatenate_to_the_global_batch(tmp_path, tok, count) ->
 
 def test_eval_covers_every_example_once_with_masked_fill(tmp_path, tok) -> None:
     c = _seq2seq_jsonl(tmp_path)
-    data = examples.ExampleData(c, tok, _quiet)
+    data = examples.ExampleData(data_spec(c), tok, _quiet)
     batches = data.eval_batches(0)
     assert len(batches) == 2  # 13 examples
     real = np.concatenate([b["loss_mask"].any(axis=1) for b in batches])
@@ -260,24 +263,24 @@ def test_eval_covers_every_example_once_with_masked_fill(tmp_path, tok) -> None:
 
 def test_cache_is_reused_and_keyed(tmp_path, tok, monkeypatch) -> None:
     c = _seq2seq_jsonl(tmp_path)
-    first = examples.ExampleData(c, tok, _quiet)
-    manifest = first.directory / example_cache.MANIFEST
+    first = examples.ExampleData(data_spec(c), tok, _quiet)
+    manifest = first.directory / cache_format.MANIFEST
     mtime = os.stat(manifest).st_mtime_ns
     calls = []
     monkeypatch.setattr(tok, "encode_batch", lambda texts: calls.append(len(texts)) or [])
     c.data.seq_len, c.data.target_len = 20, 9  # truncation is at batch time: same cache
-    again = examples.ExampleData(c, tok, _quiet)
+    again = examples.ExampleData(data_spec(c), tok, _quiet)
     assert again.directory == first.directory and calls == []
     assert os.stat(manifest).st_mtime_ns == mtime
     assert again.train_batch(0)["inputs"].shape == (8, 20)
     monkeypatch.undo()
     # A cache without a manifest (an interrupted build) is rebuilt.
     manifest.unlink()
-    examples.ExampleData(c, tok, _quiet)
+    examples.ExampleData(data_spec(c), tok, _quiet)
     assert manifest.is_file()
     # Keys and cleaning are part of the key.
     c.data.normalize = "NFKC"
-    assert examples.ExampleData(c, tok, _quiet).directory != first.directory
+    assert examples.ExampleData(data_spec(c), tok, _quiet).directory != first.directory
     files = sorted(p.name for p in first.directory.iterdir())
     assert files == [
         "manifest.json",
@@ -297,18 +300,18 @@ def test_multi_process_jobs_do_not_build_a_cache(tmp_path, tok, monkeypatch) -> 
     c = _seq2seq_jsonl(tmp_path)
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     with pytest.raises(DataError) as err:
-        examples.make_example_source(c, tok, _quiet)
+        examples.build(data_spec(c), tok, _quiet)
     _one_line(err, "multi-process", "single process")
     monkeypatch.undo()
-    examples.make_example_source(c, tok, _quiet)
+    examples.build(data_spec(c), tok, _quiet)
     monkeypatch.setattr(jax, "process_count", lambda: 2)
-    examples.make_example_source(c, tok, _quiet)  # built: every process reads it
+    examples.build(data_spec(c), tok, _quiet)  # built: every process reads it
 
 
 def test_example_texts_are_cleaned_train_inputs_and_targets(tmp_path, tok) -> None:
     c = _seq2seq_jsonl(tmp_path, n_train=5)
     raw = [json.loads(x) for x in (tmp_path / "train.jsonl").read_text().splitlines()]
-    texts = list(example_reader.example_texts(c, [readers.parse_sources(c.data.source)[0]]))
+    texts = list(example_cache.example_texts(data_spec(c)))
     assert texts == [t for r in raw for t in (r["src"], r["tgt"].rstrip())]
 
 
@@ -318,16 +321,16 @@ def test_example_texts_are_cleaned_train_inputs_and_targets(tmp_path, tok) -> No
 def test_errors_name_the_fix(tmp_path, tok) -> None:
     c = _seq2seq_jsonl(tmp_path, target_key="label")
     with pytest.raises(DataError) as err:
-        examples.make_example_source(c, tok, _quiet)
+        examples.build(data_spec(c), tok, _quiet)
     _one_line(err, "no field 'label'", "['src', 'tgt']", "data.target_key")
     c = _seq2seq_jsonl(tmp_path)
     c.data.source = f"{c.data.source},{c.data.source}@2"
     with pytest.raises(DataError) as err:
-        examples.make_example_source(c, tok, _quiet)
+        examples.build(data_spec(c), tok, _quiet)
     _one_line(err, "not a mixture of 2", "single tfds:NAME or jsonl:GLOB")
     c.data.source = "python_stdlib"
     with pytest.raises(DataError) as err:
-        examples.make_example_source(c, tok, _quiet)
+        examples.build(data_spec(c), tok, _quiet)
     _one_line(err, "not python_stdlib")
     # Labels out of range, and labels that are not integers.
     _write_jsonl(tmp_path / "train.jsonl", [{"t": "a b", "y": 1}, {"t": "c", "y": 5}])
@@ -336,19 +339,19 @@ def test_errors_name_the_fix(tmp_path, tok) -> None:
         tmp_path, f"jsonl:{tmp_path}/{{split}}.jsonl", "classify", input_key="t", label_key="y"
     )
     with pytest.raises(DataError) as err:
-        examples.make_example_source(c, tok, _quiet)
+        examples.build(data_spec(c), tok, _quiet)
     _one_line(err, "train example 1 has label 5", "model.num_classes")
     # (Caches are keyed by the source's name, like document caches: use new files.)
     _write_jsonl(tmp_path / "bad.jsonl", [{"t": "a b", "y": "pos"}])
     c.data.source = f"jsonl:{tmp_path}/bad.jsonl"
     with pytest.raises(DataError) as err:
-        examples.make_example_source(c, tok, _quiet)
+        examples.build(data_spec(c), tok, _quiet)
     _one_line(err, "'pos', not an integer class id")
     # An empty split.
     _write_jsonl(tmp_path / "all.jsonl", [{"t": "a b", "y": 1}])
     c.data.source, c.data.eval_fraction = f"jsonl:{tmp_path}/all.jsonl", 0.0
     with pytest.raises(DataError) as err:
-        examples.make_example_source(c, tok, _quiet)
+        examples.build(data_spec(c), tok, _quiet)
     _one_line(err, "no validation examples", "eval_fraction")
 
 
@@ -357,11 +360,11 @@ def test_tfds_errors_name_the_fix(tmp_path, tok) -> None:
     c = _config(tmp_path, "tfds:glue/sst2", "classify", input_key="text", label_key="label")
     with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
         with pytest.raises(DataError) as err:
-            examples.make_example_source(c, tok, _quiet)
+            examples.build(data_spec(c), tok, _quiet)
         _one_line(err, "no feature 'text'", "['idx', 'label', 'sentence']", "data.input_key")
         c.data.source, c.data.input_key = "tfds:glue/mnli", "premise"
         with pytest.raises(DataError) as err:
-            examples.make_example_source(c, tok, _quiet)
+            examples.build(data_spec(c), tok, _quiet)
         _one_line(err, "has 3 classes but model.num_classes=2", "num_classes=3")
 
 
@@ -369,7 +372,7 @@ def test_make_source_serves_example_tasks(tmp_path, tok) -> None:
     from jaxlm.data import source as source_lib
 
     c = _seq2seq_jsonl(tmp_path, tokenizer=str(tok.path))
-    data = source_lib.make_source(c, tmp_path / "run", log=_quiet)
+    data = source_lib.build_source(data_spec(c), tmp_path / "run", log=_quiet)
     assert data.eval_examples is not None and data.train_batch(0)["targets"].shape == (8, 6)
     described = data.description
     assert described["validation"]["examples"] == 13 and described["task"] == "seq2seq"

@@ -11,7 +11,10 @@ from conftest import losses_after, tiny_config
 
 from jaxlm import objectives, tasks, train
 from jaxlm.checkpoint import Checkpointer
-from jaxlm.data import spans, synthetic
+from jaxlm.config import data_spec
+from jaxlm.data.builtin import synthetic
+from jaxlm.data.documents import span_corruption as spans
+from jaxlm.data.types import EOS_ID
 from jaxlm.inference import evaluate_run
 
 # (objective, family): each family with the objectives that train it.
@@ -45,24 +48,24 @@ def test_sharded_equals_one_device(objective, family, tmp_path):
 def test_raw_length_is_the_longest_row_that_fits():
     for seq_len, target_len in [(16, 8), (512, 114), (64, 64)]:
         raw = spans.raw_length(seq_len, target_len, 0.15, 3.0)
-        i, t = objectives.corrupted_lengths(raw, 0.15, 3.0)
+        i, t = spans.corrupted_lengths(raw, 0.15, 3.0)
         assert i + 1 <= seq_len and t + 1 <= target_len
-        i2, t2 = objectives.corrupted_lengths(raw + 1, 0.15, 3.0)
+        i2, t2 = spans.corrupted_lengths(raw + 1, 0.15, 3.0)
         assert i2 + 1 > seq_len or t2 + 1 > target_len
     assert spans.raw_length(512, 114, 0.15, 3.0) == 568  # T5's 568 -> (512, 114)
 
 
 def test_span_corruption_batches_reassemble_the_rows(tmp_path):
     c = tiny_config(objective="span_corruption")
-    data = synthetic.make_source(c)
+    data = synthetic.build(data_spec(c))
     batch = data.train_batch(0)
     raw = spans.raw_length(16, 8, 0.15, 3.0)
-    rows = synthetic.pipeline.synthetic_batch(0, 8, raw, 64 - synthetic.NUM_SENTINELS, 0)
+    rows = synthetic.synthetic_batch(0, 8, raw, 64 - synthetic.NUM_SENTINELS, 0)
     sentinels = set(data.sentinel_ids)
     for b in range(8):
         enc = batch["inputs"][b][batch["input_segment_ids"][b] == 1]
         dec = batch["targets"][b][batch["target_segment_ids"][b] == 1]
-        assert enc[-1] == dec[-1] == synthetic.EOS_ID
+        assert enc[-1] == dec[-1] == EOS_ID
         # Replace each sentinel in the inputs by the span that follows it in the targets.
         spans_of, current = {}, None
         for tok in dec[:-1]:

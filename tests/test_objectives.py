@@ -6,15 +6,14 @@ import numpy as np
 import pytest
 
 from jaxlm import evaluate
+from jaxlm.data.documents.span_corruption import corrupted_lengths, span_corruption
 from jaxlm.objectives import (
     bert_mask,
     classification_loss,
     classification_sums,
-    corrupted_lengths,
     finish_classification,
     finish_tokens,
     shift_right,
-    span_corruption,
     token_loss,
     token_sums,
 )

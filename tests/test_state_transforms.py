@@ -71,7 +71,7 @@ def test_language_model_loads_with_no_data_and_no_optimizer(run_dir, tmp_path, m
     def refuse(*args, **kwargs):
         raise AssertionError("LanguageModel.load must not build data or an optimizer")
 
-    monkeypatch.setattr(train, "make_source", refuse)
+    monkeypatch.setattr(train, "build_source", refuse)
     monkeypatch.setattr(train, "make_optimizer", refuse)
     lm = LanguageModel.load(gone)
     monkeypatch.undo()

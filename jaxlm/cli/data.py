@@ -10,6 +10,7 @@ Commands:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -17,7 +18,6 @@ from pathlib import Path
 from absl import app, flags, logging
 
 from jaxlm.cli import common
-from jaxlm.config import EXAMPLE_OBJECTIVES
 
 COMMANDS = ("tokenizer", "prepare", "inspect", "bench")
 flags.DEFINE_string("config", None, "Experiment file defining get_config().")
@@ -32,58 +32,62 @@ _OVERRIDES: list[str] = []
 PROGRAM = "jaxlm-data"
 
 
-def _tokenizer(config, specs) -> None:
+def _tokenizer(spec) -> None:
     from jaxlm import storage
     from jaxlm.data import run_tokenizer
 
     out = _required_out()
     if storage.is_remote(out):  # SentencePiece writes locally; copy the model up afterwards
         with tempfile.TemporaryDirectory() as tmp:
-            tok = run_tokenizer.train_tokenizer(config, specs, Path(tmp) / "tokenizer.model")
+            tok = run_tokenizer.train_tokenizer(spec, Path(tmp) / "tokenizer.model")
             storage.write_bytes(out, tok.path.read_bytes())
     else:
-        tok = run_tokenizer.train_tokenizer(config, specs, out)
+        tok = run_tokenizer.train_tokenizer(spec, out)
     print(
-        f"wrote {out}: {tok.vocab_size} {config.data.tokenizer_type} pieces, sha256 "
+        f"wrote {out}: {tok.vocab_size} {spec.tokenizer.model_type} pieces, sha256 "
         f"{tok.sha256}; use it with --config.data.tokenizer={out}"
     )
 
 
-def _prepare(config, specs) -> None:
+def _prepare(spec) -> None:
     from jaxlm import storage
-    from jaxlm.data import prepare, run_tokenizer
-    from jaxlm.data.clean import CleanConfig
-    from jaxlm.data.readers import ReadOptions
+    from jaxlm.data import run_tokenizer
+    from jaxlm.data.documents import prepare
 
     out = _required_out()
-    if any(s.kind == "prepared" for s in specs):
+    if any(s.kind == "prepared" for s in spec.sources):
         raise ValueError("data.source is already prepared; prepare the original sources instead")
-    tok = run_tokenizer.resolve_tokenizer(config, specs)
-    if config.task.objective in EXAMPLE_OBJECTIVES:
-        _prepare_examples(config, tok, out)
+    tok = run_tokenizer.resolve_tokenizer(spec)
+    if spec.layout == "examples":
+        _prepare_examples(spec, tok, out)
         return
-    opts, clean_cfg = ReadOptions.from_config(config.data), CleanConfig.from_config(config.data)
     entries = []
-    for i, spec in enumerate(specs):
-        directory = out if len(specs) == 1 else storage.join(out, f"{i}-{spec.slug}")
+    for i, source in enumerate(spec.sources):
+        many = len(spec.sources) > 1
+        directory = storage.join(out, f"{i}-{source.slug}") if many else out
         manifest = prepare.prepare_source(
-            spec, directory, tok, opts, clean_cfg, shard_tokens=FLAGS.shard_tokens, progress=True
+            source,
+            directory,
+            tok,
+            spec.read,
+            spec.clean,
+            shard_tokens=FLAGS.shard_tokens,
+            progress=True,
         )
         tokens = {k: v["num_tokens"] for k, v in manifest["splits"].items()}
         print(f"wrote {directory}: {tokens} tokens, tokenizer sha256 {tok.sha256[:12]}")
-        weight = f"@{spec.weight:g}" if len(specs) > 1 else ""
+        weight = f"@{source.weight:g}" if many else ""
         entries.append(f"prepared:{directory}{weight}")
     print(f"train on it with --config.data.source={','.join(entries)}")
 
 
-def _prepare_examples(config, tok, out: str) -> None:
+def _prepare_examples(spec, tok, out: str) -> None:
     """Example tasks: the tokenized example cache under --out (used as data.cache_dir), and the
     tokenizer beside it, so a multi-host job can read both from shared storage."""
     from jaxlm import storage
-    from jaxlm.data import example_cache
+    from jaxlm.data.examples import cache
 
-    config.data.cache_dir = out
-    directory, manifest = example_cache.build_cache(config, tok)
+    _, directory, manifest = cache.build_cache(dataclasses.replace(spec, cache_root=out), tok)
     tok_path = storage.join(out, "tokenizer.model")
     storage.write_bytes(tok_path, tok.path.read_bytes())
     counts = {k: v["examples"] for k, v in manifest["splits"].items()}
@@ -91,20 +95,21 @@ def _prepare_examples(config, tok, out: str) -> None:
     print(f"train on it with --config.data.cache_dir={out} --config.data.tokenizer={tok_path}")
 
 
-def _inspect(config, specs) -> None:
-    from jaxlm.data import diagnostics, run_tokenizer, source
+def _inspect(spec) -> None:
+    from jaxlm.data import run_tokenizer
+    from jaxlm.data.documents import diagnostics
+    from jaxlm.data.documents.text import TextData
 
-    tok = run_tokenizer.resolve_tokenizer(config, specs)
-    text = source.TextData(config, tok, specs)
+    text = TextData(spec, run_tokenizer.resolve_tokenizer(spec))
     print(diagnostics.describe_rows(text, FLAGS.split, FLAGS.step, FLAGS.rows))
 
 
-def _bench(config, specs) -> None:
-    from jaxlm.data import diagnostics
+def _bench(spec, source: str) -> None:
+    from jaxlm.data.documents import diagnostics
 
-    del specs
-    result = diagnostics.bench(config, steps=FLAGS.steps)
-    print(json.dumps({"config": FLAGS.config, "overrides": _OVERRIDES, **result}), flush=True)
+    result = diagnostics.bench(spec, steps=FLAGS.steps)
+    line = {"config": FLAGS.config, "overrides": _OVERRIDES, "source": source, **result}
+    print(json.dumps(line), flush=True)
 
 
 def _required_out() -> str:
@@ -116,7 +121,6 @@ def _required_out() -> str:
 def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
     from jaxlm import config as config_lib
-    from jaxlm.data import readers
 
     command = argv[1] if len(argv) == 2 else None
     if command not in COMMANDS or not FLAGS.config:
@@ -126,18 +130,19 @@ def main(argv: list[str]) -> None:
         )
     try:
         config = config_lib.load_config(FLAGS.config, _OVERRIDES)
-        specs = readers.parse_sources(config.data.source)
-        if specs[0].kind == "synthetic":
+        spec = config_lib.data_spec(config)
+        if spec.layout == "synthetic":
             raise ValueError("data.source=synthetic has no text; choose a text source")
-        if command in ("inspect", "bench") and config.task.objective in EXAMPLE_OBJECTIVES:
+        if command in ("inspect", "bench") and spec.layout == "examples":
             raise ValueError(
                 f"{PROGRAM} {command} reads documents, and task.objective="
                 f"{config.task.objective} reads labelled examples: `{PROGRAM} prepare` builds "
                 "their cache, and jaxlm-train writes their length statistics to WORKDIR/data.json"
             )
-        {"tokenizer": _tokenizer, "prepare": _prepare, "inspect": _inspect, "bench": _bench}[
-            command
-        ](config, specs)
+        if command == "bench":
+            _bench(spec, config.data.source)
+        else:
+            {"tokenizer": _tokenizer, "prepare": _prepare, "inspect": _inspect}[command](spec)
     except common.USER_ERRORS as e:
         common.fail(PROGRAM, e)
 

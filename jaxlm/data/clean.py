@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import collections
-import dataclasses
 import hashlib
 import re
 import unicodedata
+
+from jaxlm.data.specs import CleanConfig
 
 # C0 and C1 control characters except tab and newline, plus the byte-order mark.
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff]")
@@ -23,27 +24,6 @@ def _has_control(text: str) -> bool:
         data = text.encode("ascii")
         return len(data.translate(None, _ASCII_CONTROL)) != len(data)
     return _CONTROL.search(text) is not None
-
-
-@dataclasses.dataclass(frozen=True)
-class CleanConfig:
-    normalize: str = "NFC"  # none, NFC or NFKC
-    strip_control: bool = True
-    strip_whitespace: bool = True
-    min_chars: int = 1
-    max_chars: int = 0  # 0: no limit
-    dedup: bool = True
-
-    @classmethod
-    def from_config(cls, data) -> CleanConfig:
-        return cls(
-            data.normalize,
-            data.strip_control,
-            data.strip_whitespace,
-            data.min_doc_chars,
-            data.max_doc_chars,
-            data.dedup,
-        )
 
 
 class Cleaner:

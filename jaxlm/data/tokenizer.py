@@ -13,8 +13,8 @@ import numpy as np
 import sentencepiece as spm
 
 from jaxlm import storage
+from jaxlm.data.types import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
-PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 # Training sentences are multi-line chunks of at most this many characters, so BPE sees real
 # line structure while staying under SentencePiece's per-sentence length limit.
 _CHUNK_CHARS = 2048

@@ -1,4 +1,4 @@
-"""Documents to the pre-tokenized cache: read, clean, tokenize on every core, write shards.
+"""Documents to their cache (cache_format.py): read, clean, tokenize on every core, write shards.
 
 Tokenization uses SentencePiece's own thread pool (all cores, GIL released) while this thread
 reads and cleans the next chunk of documents, so both overlap. TensorFlow is imported only by
@@ -8,37 +8,32 @@ TFDS sources.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
+import lzma
 import sys
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 from jaxlm import storage
-from jaxlm.data import cache, readers
-from jaxlm.data.clean import CleanConfig, Cleaner
-from jaxlm.data.pipeline import compression_bits_per_byte
-from jaxlm.data.readers import DataError, ReadOptions, SourceSpec
+from jaxlm.data import cache_format, sources
+from jaxlm.data.clean import Cleaner
+from jaxlm.data.specs import CleanConfig, ReadOptions, SourceSpec
 from jaxlm.data.tokenizer import Tokenizer
+from jaxlm.data.types import SPLITS, DataError
 
 DEFAULT_SHARD_TOKENS = 1 << 27  # 256 MiB of uint16 tokens per shard
-_CHUNK_CHARS = 2_000_000  # documents are tokenized in chunks of about this many characters
 _BASELINE_BYTES = 1 << 21  # zlib/xz baselines use at most this much validation text
 
 
 def cache_key(spec: SourceSpec, opts: ReadOptions, clean_cfg: CleanConfig, tok: Tokenizer) -> str:
-    """Names a cache by everything that decides its contents (seq_len does not: rows are cut
-    at read time)."""
+    """Names a document cache by everything that decides its contents (seq_len does not: rows
+    are cut at read time)."""
     what = {
-        "format": cache.FORMAT,
-        "source": spec.name,
-        "read": opts.identity(spec),
+        "read": sources.identity(spec, opts),
         "clean": dataclasses.asdict(clean_cfg),
         "tokenizer": tok.sha256,
     }
-    digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
-    return f"{spec.slug}-{digest}"
+    return cache_format.cache_key(spec, what)
 
 
 def cleaned(
@@ -46,7 +41,7 @@ def cleaned(
 ) -> tuple[Iterator[str], Cleaner]:
     """The split's documents after cleaning, and the cleaner holding the counts."""
     cleaner = Cleaner(clean_cfg)
-    docs = (t for t in map(cleaner, readers.documents(spec, split, opts)) if t is not None)
+    docs = (t for t in map(cleaner, sources.documents(spec, split, opts)) if t is not None)
     return docs, cleaner
 
 
@@ -65,38 +60,9 @@ def sample_texts(
                 break
 
 
-def _chunks(texts: Iterable[str], max_chars: int) -> Iterator[list[str]]:
-    chunk, size = [], 0
-    for text in texts:
-        chunk.append(text)
-        size += len(text)
-        if size >= max_chars:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
-
-
 def tokenized(texts: Iterable[str], tok: Tokenizer) -> Iterator[tuple[list[str], list[list[int]]]]:
     """(texts, ids) chunk by chunk; the next chunk is read while this one is encoded."""
-    return overlapped(_chunks(texts, _CHUNK_CHARS), tok.encode_batch)
-
-
-def overlapped(items: Iterable, fn: Callable) -> Iterator[tuple]:
-    """(item, fn(item)) in order, fn running in a worker thread while the next item is read.
-
-    SentencePiece's batch encoding releases the GIL, so reading and cleaning the next chunk
-    overlaps with encoding this one.
-    """
-    with ThreadPoolExecutor(1) as pool:
-        pending = None
-        for item in items:
-            job = (item, pool.submit(fn, item))
-            if pending is not None:
-                yield pending[0], pending[1].result()
-            pending = job
-        if pending is not None:
-            yield pending[0], pending[1].result()
+    return cache_format.overlapped(cache_format.chunks(texts, len), tok.encode_batch)
 
 
 class _Progress:
@@ -128,17 +94,16 @@ def prepare_source(
     opts: ReadOptions,
     clean_cfg: CleanConfig,
     *,
-    splits: tuple[str, ...] = readers.SPLITS,
+    splits: tuple[str, ...] = SPLITS,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     progress: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Tokenize the source's splits into a cache directory; returns its manifest."""
-    if tok.eos_id < 0:
-        raise DataError(f"tokenizer {tok.path} has no eos piece; train one with jaxlm-data")
+    cache_format.check_eos(tok)
     manifest = {
         "source": spec.name,
-        "read": opts.identity(spec),
+        "read": sources.identity(spec, opts),
         "cleaning": dataclasses.asdict(clean_cfg),
         "tokenizer_sha256": tok.sha256,
         "vocab_size": tok.vocab_size,
@@ -148,11 +113,11 @@ def prepare_source(
     }
     # A rebuild in place first drops the old manifest: a crash midway then leaves a directory
     # that reads as unprepared, never an old manifest over a mix of old and new shards.
-    storage.remove(storage.join(out_dir, cache.MANIFEST))
-    storage.write_bytes(storage.join(out_dir, cache.TOKENIZER), tok.path.read_bytes())
+    storage.remove(storage.join(out_dir, cache_format.MANIFEST))
+    storage.write_bytes(storage.join(out_dir, cache_format.TOKENIZER), tok.path.read_bytes())
     for split in splits:
         docs, cleaner = cleaned(spec, split, opts, clean_cfg)
-        writer = cache.ShardWriter(out_dir, split, tok.vocab_size, tok.eos_id, shard_tokens)
+        writer = cache_format.ShardWriter(out_dir, split, tok.vocab_size, tok.eos_id, shard_tokens)
         bar = _Progress(progress, f"{spec.name} {split}")
         num_bytes, sample, sample_bytes = 0, [], 0
         try:
@@ -176,5 +141,16 @@ def prepare_source(
         manifest["splits"][split] = info
         if sample:
             manifest["baselines"] = compression_bits_per_byte(sample)
-    cache.write_manifest(out_dir, manifest)
-    return {"format": cache.FORMAT, **manifest}
+    cache_format.write_manifest(out_dir, manifest)
+    return {"format": cache_format.FORMAT, **manifest}
+
+
+def compression_bits_per_byte(texts: list[str]) -> dict[str, float]:
+    """Bits per byte of zlib -9 and xz -9 on the texts joined with "\\n", as UTF-8."""
+    data = "\n".join(texts).encode("utf-8")
+    if not data:
+        raise ValueError("compression_bits_per_byte needs non-empty text")
+    return {
+        "zlib-9": 8.0 * len(zlib.compress(data, 9)) / len(data),
+        "xz-9": 8.0 * len(lzma.compress(data, preset=9)) / len(data),
+    }

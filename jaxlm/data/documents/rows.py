@@ -1,152 +1,24 @@
-"""The pre-tokenized cache: one source's splits as token shards plus a JSON manifest.
-
-A cache directory (local or gs://) holds
-
-    manifest.json              source, tokenizer hash, cleaning settings and counts, shards
-    tokenizer.model            the tokenizer the shards were made with
-    train-00000.tokens.npy     uint16 (vocabularies up to 65536) or int32: documents, each + eos
-    train-00000.docs.npy       int64: end offset of every document within its shard
-    validation-00000.*.npy     the same for the validation split
-
-The manifest is written last, so a directory without one is incomplete and gets rebuilt.
-Reading needs numpy only: shards are memory-mapped and rows are cut at read time, so one cache
-serves every seq_len, packed or padded. Remote caches are copied to a local directory first.
-"""
+"""Document rows: a cached split as one token stream over memory-mapped shards, cut into
+model rows (packed or one document per row), and the LM arrays of a batch of rows."""
 
 from __future__ import annotations
 
-import io
-import itertools
-import json
 import pathlib
 
 import numpy as np
 
-from jaxlm import storage
-from jaxlm.data.readers import DataError
+from jaxlm.data import cache_format
 
-FORMAT = 1
 ROW_KEYS = ("tokens", "segment_ids", "positions")
-MANIFEST = "manifest.json"
-TOKENIZER = "tokenizer.model"
-
-
-def root(config) -> pathlib.Path:
-    """Where a run's caches live locally: data.cache_dir, by default ~/.cache/jaxlm."""
-    default = pathlib.Path.home() / ".cache" / "jaxlm"
-    return pathlib.Path(config.data.cache_dir or default).expanduser()
-
-
-def read_manifest(directory: str) -> dict | None:
-    """The directory's manifest, or None when it has none (never written or incomplete)."""
-    path = storage.join(directory, MANIFEST)
-    if not storage.exists(path):
-        return None
-    try:
-        manifest = json.loads(storage.read_bytes(path))
-    except ValueError as e:
-        raise DataError(
-            f"{path} is not valid JSON ({e}); delete {directory} and re-run jaxlm-data prepare"
-        ) from None
-    if manifest.get("format") != FORMAT:
-        raise DataError(
-            f"{path} has cache format {manifest.get('format')}, this jaxlm reads {FORMAT}; "
-            "re-run jaxlm-data prepare"
-        )
-    return manifest
-
-
-def write_manifest(directory: str, manifest: dict) -> None:
-    text = json.dumps({"format": FORMAT, **manifest}, indent=2, sort_keys=True)
-    storage.write_bytes(storage.join(directory, MANIFEST), text.encode())
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "target_bytes")
 
 
 def files_of(manifest: dict) -> list[str]:
-    """Every file a cache's manifest refers to."""
-    names = [TOKENIZER]
+    """Every file a document cache's manifest refers to."""
+    names = [cache_format.TOKENIZER]
     for info in manifest["splits"].values():
         names += [n for shard in info["shards"] for n in (shard["tokens"], shard["docs"])]
     return names
-
-
-def token_dtype(vocab_size: int):
-    """The id dtype on disk: uint16 for vocabularies up to 65536 (half the bytes), else int32."""
-    return np.uint16 if vocab_size <= 1 << 16 else np.int32
-
-
-class ShardWriter:
-    """Appends tokenized documents (eos added) to one split, cutting shards at document ends."""
-
-    def __init__(self, directory: str, split: str, vocab_size: int, eos_id: int, shard_tokens: int):
-        self.directory, self.split, self.eos_id = directory, split, eos_id
-        self.dtype = token_dtype(vocab_size)
-        self.shard_tokens = shard_tokens
-        self.shards: list[dict] = []
-        self._parts: list[np.ndarray] = []
-        self._lengths: list[np.ndarray] = []
-        self._buffered = 0
-
-    def add(self, ids: list[list[int]]) -> int:
-        """Append documents; returns the tokens added (eos included)."""
-        if not ids:
-            return 0
-        lengths = np.fromiter(map(len, ids), np.int64, len(ids)) + 1
-        ends = np.cumsum(lengths)
-        stream = np.empty(int(ends[-1]), self.dtype)
-        is_text = np.ones(stream.shape[0], bool)
-        is_text[ends - 1] = False
-        text_tokens = stream.shape[0] - len(ids)
-        stream[is_text] = np.fromiter(itertools.chain.from_iterable(ids), self.dtype, text_tokens)
-        stream[ends - 1] = self.eos_id
-        first, start = 0, 0
-        while first < len(ids):  # fill shards to shard_tokens, cutting at document ends
-            room = self.shard_tokens - self._buffered
-            last = max(int(np.searchsorted(ends, start + room)), first)
-            stop = min(last + 1, len(ids))
-            self._parts.append(stream[start : ends[stop - 1]])
-            self._lengths.append(lengths[first:stop])
-            self._buffered += int(ends[stop - 1]) - start
-            if self._buffered >= self.shard_tokens:
-                self._flush()
-            first, start = stop, int(ends[stop - 1])
-        return stream.shape[0]
-
-    def _flush(self) -> None:
-        if not self._parts:
-            return
-        tokens = np.concatenate(self._parts)
-        ends = np.cumsum(np.concatenate(self._lengths))
-        # Rows find documents by their eos: a tokenizer that emits eos from text breaks that.
-        if int(np.count_nonzero(tokens == self.eos_id)) != ends.shape[0]:
-            raise DataError(
-                "the tokenizer produced its eos id from plain text, so documents cannot be "
-                "told apart; use a SentencePiece model whose eos is a control symbol"
-            )
-        name = f"{self.split}-{len(self.shards):05d}"
-        for suffix, array in (("tokens", tokens), ("docs", ends)):
-            buf = io.BytesIO()
-            np.save(buf, array)
-            storage.write_bytes(
-                storage.join(self.directory, f"{name}.{suffix}.npy"), buf.getvalue()
-            )
-        self.shards.append(
-            {
-                "tokens": f"{name}.tokens.npy",
-                "docs": f"{name}.docs.npy",
-                "num_tokens": int(tokens.shape[0]),
-                "num_docs": int(ends.shape[0]),
-            }
-        )
-        self._parts, self._lengths, self._buffered = [], [], 0
-
-    def close(self) -> dict:
-        """Write the last shard; the split's manifest entry."""
-        self._flush()
-        return {
-            "shards": self.shards,
-            "num_tokens": sum(s["num_tokens"] for s in self.shards),
-            "num_docs": sum(s["num_docs"] for s in self.shards),
-        }
 
 
 class TokenSplit:
@@ -156,9 +28,8 @@ class TokenSplit:
         info = manifest["splits"][split]
         self.directory, self.split, self.info = directory, split, info
         self.eos_id = int(manifest["eos_id"])
-        # Plain ndarray views of the memory maps: np.memmap's indexing is slower.
         self._shards = [
-            np.asarray(np.load(directory / s["tokens"], mmap_mode="r")) for s in info["shards"]
+            cache_format.load_array(directory, s["tokens"], mmap=True) for s in info["shards"]
         ]
         sizes = np.array([s.shape[0] for s in self._shards], np.int64)
         self.bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -171,7 +42,7 @@ class TokenSplit:
     def doc_ends(self) -> np.ndarray:
         """int64 [num_docs]: end offset of every document in the stream (read on demand)."""
         parts = [
-            np.load(self.directory / s["docs"]) + start
+            cache_format.load_array(self.directory, s["docs"]) + start
             for s, start in zip(self.info["shards"], self.bounds[:-1], strict=True)
         ]
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
@@ -261,3 +132,20 @@ class Rows:
             segment_ids *= valid
             positions *= valid
         return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+
+
+def make_batch(rows: dict[str, np.ndarray], byte_lengths: np.ndarray) -> dict[str, np.ndarray]:
+    """Model-ready [B, seq_len] arrays from rows of seq_len + 1 tokens (see Rows.read)."""
+    tokens, seg = rows["tokens"], rows["segment_ids"]
+    # A target counts only if it continues the input's document: never padding, never the
+    # first token of the next document predicted from the previous one.
+    mask = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
+    targets = tokens[:, 1:]
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": targets,
+        "segment_ids": seg[:, :-1],
+        "positions": rows["positions"][:, :-1],
+        "loss_mask": mask.astype(np.float32),
+        "target_bytes": byte_lengths[targets] * mask,
+    }

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxlm.data import cache, pipeline, prepare, readers
-from jaxlm.data.clean import CleanConfig
-from jaxlm.data.readers import ReadOptions
+from jaxlm.data import sampling
+from jaxlm.data.documents import prepare, rows
+from jaxlm.data.documents.text import TextData
 from jaxlm.data.run_tokenizer import resolve_tokenizer
-from jaxlm.data.source import TextData
+from jaxlm.data.specs import DataSpec
 
 
 def _quiet(_: str) -> None:
@@ -29,16 +29,16 @@ def describe_rows(text: TextData, split: str, step: int, count: int, limit: int 
     """The first `count` rows of the train batch at `step` (or of the validation set), each
     with its documents decoded and its segment ids, positions and loss mask."""
     if split == "train":
-        sources, rows = text.sampler.rows_for_step(step)
+        sources, ids = text.sampler.rows_for_step(step)
         rows_of = text.train
     else:
-        sources, rows = pipeline.eval_rows([r.num_rows for r in text.valid], text.weights, 1, 0)
+        sources, ids = sampling.eval_rows([r.num_rows for r in text.valid], text.weights, 1, 0)
         rows_of = text.valid
-    sources, rows = sources[:count], rows[:count]
-    data = text.read(rows_of, sources, rows)
-    batch = pipeline.make_batch(data, text.tok.byte_lengths)
+    sources, ids = sources[:count], ids[:count]
+    data = text.read(rows_of, sources, ids)
+    batch = rows.make_batch(data, text.tok.byte_lengths)
     lines = []
-    for i, (src, row) in enumerate(zip(sources, rows, strict=True)):
+    for i, (src, row) in enumerate(zip(sources, ids, strict=True)):
         seg, mask = batch["segment_ids"][i], batch["loss_mask"][i]
         where = f"{split} step {step}" if split == "train" else split
         lines.append(
@@ -60,33 +60,32 @@ def describe_rows(text: TextData, split: str, step: int, count: int, limit: int 
     return "\n".join(lines)
 
 
-def bench(config, steps: int = 500, progress: bool = True) -> dict:
+def bench(spec: DataSpec, steps: int = 500, progress: bool = True) -> dict:
     """Tokens per second from raw text (read, clean, tokenize, write, cut into batches) and
     from the cache (step-addressed random batches)."""
-    d = config.data
-    specs = readers.parse_sources(d.source)
-    if specs[0].kind == "synthetic":
+    d, specs = spec, spec.sources
+    if spec.layout == "synthetic":
         raise ValueError("synthetic data has no text pipeline to measure; choose a text source")
-    tok = resolve_tokenizer(config, specs, _quiet)  # trained or loaded before the clock starts
+    tok = resolve_tokenizer(spec, _quiet)  # trained or loaded before the clock starts
     if any(s.kind == "tfds" for s in specs):
         import tensorflow_datasets  # noqa: F401  (import time is not pipeline time)
-    opts, clean_cfg = ReadOptions.from_config(d), CleanConfig.from_config(d)
+    opts, clean_cfg = spec.read, spec.clean
     raw_tokens = 0
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        for i, spec in enumerate(s for s in specs if s.kind != "prepared"):
+        for i, source in enumerate(s for s in specs if s.kind != "prepared"):
             out = str(Path(tmp) / str(i))
             manifest = prepare.prepare_source(
-                spec, out, tok, opts, clean_cfg, splits=("train",), progress=progress, log=_quiet
+                source, out, tok, opts, clean_cfg, splits=("train",), progress=progress, log=_quiet
             )
-            split = cache.TokenSplit(Path(out), manifest, "train")
-            rows = cache.Rows(split, d.seq_len, d.pack)
-            for start in range(0, rows.num_rows, d.batch_size):
-                ids = np.arange(start, min(start + d.batch_size, rows.num_rows))
-                pipeline.make_batch(rows.read(ids), tok.byte_lengths)
+            split = rows.TokenSplit(Path(out), manifest, "train")
+            cut = rows.Rows(split, d.seq_len, d.pack)
+            for start in range(0, cut.num_rows, d.batch_size):
+                ids = np.arange(start, min(start + d.batch_size, cut.num_rows))
+                rows.make_batch(cut.read(ids), tok.byte_lengths)
             raw_tokens += split.num_tokens
         raw_s = time.perf_counter() - t0
-    text = TextData(config, tok, specs, _quiet)  # the real cache, built now if missing
+    text = TextData(spec, tok, _quiet)  # the real cache, built now if missing
     text.train_batch(0)  # first touch of the memory maps
     steps_iter = range(steps)
     if progress:
@@ -99,7 +98,6 @@ def bench(config, steps: int = 500, progress: bool = True) -> dict:
     cache_s = time.perf_counter() - t0
     cache_tokens = steps * d.batch_size * d.seq_len
     return {
-        "source": d.source,
         "raw_tokens_per_sec": round(raw_tokens / raw_s) if raw_tokens else None,
         "raw_tokens": raw_tokens,
         "raw_seconds": round(raw_s, 3),

@@ -13,7 +13,7 @@ import sys
 import tensorflow_datasets as tfds
 from etils import epath
 
-from jaxlm.data import code_tasks, corpus
+from jaxlm.data.builtin import code_tasks, corpus
 
 _HOMEPAGE = "https://docs.python.org/3/library/"
 

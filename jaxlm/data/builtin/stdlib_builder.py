@@ -12,7 +12,7 @@ import sys
 import tensorflow_datasets as tfds
 from etils import epath
 
-from jaxlm.data import corpus
+from jaxlm.data.builtin import corpus
 
 # Fixed (corpus.py, not configurable) so the prepared dataset on disk always means one split.
 VALIDATION_PERCENT = corpus.VALIDATION_PERCENT

@@ -1,39 +1,20 @@
-"""Batches addressed by step: which rows make the global batch at step s, and model arrays.
+"""The sampling order both pipelines share: which rows make the global batch at step s, which
+of them a process reads, and the fixed evaluation set in full batches with fill rows.
 
-The rows of the global batch at step s are a pure function of (seed, s, data config), so a
+The rows of the global batch at step s are a pure function of (seed, s, data spec), so a
 resumed run needs no iterator state, and any number of processes can each compute the same
 global batch and read only their own share of it. Nothing here imports TensorFlow.
 """
 
 from __future__ import annotations
 
-import lzma
-import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "target_bytes")
 # Epoch permutations of up to this many rows are computed whole and kept (one per order);
 # larger splits permute row by row, so memory does not grow with the data.
 _WHOLE_PERMUTATION_ROWS = 1 << 22
-
-
-def make_batch(rows: dict[str, np.ndarray], byte_lengths: np.ndarray) -> dict[str, np.ndarray]:
-    """Model-ready [B, seq_len] arrays from rows of seq_len + 1 tokens (see cache.Rows.read)."""
-    tokens, seg = rows["tokens"], rows["segment_ids"]
-    # A target counts only if it continues the input's document: never padding, never the
-    # first token of the next document predicted from the previous one.
-    mask = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
-    targets = tokens[:, 1:]
-    return {
-        "inputs": tokens[:, :-1],
-        "targets": targets,
-        "segment_ids": seg[:, :-1],
-        "positions": rows["positions"][:, :-1],
-        "loss_mask": mask.astype(np.float32),
-        "target_bytes": byte_lengths[targets] * mask,
-    }
 
 
 def process_share(
@@ -193,36 +174,14 @@ def eval_rows(
     return sources, rows
 
 
-def synthetic_batch(
-    step: int, batch_size: int, seq_len: int, vocab_size: int, seed: int
-) -> dict[str, np.ndarray]:
-    """A learnable batch from a seeded Markov chain: mostly a fixed successor, 10% noise."""
-    successor = np.random.default_rng([seed, 0x5EED]).permutation(vocab_size)
-    rng = np.random.default_rng([seed, step])
-    noise = rng.random((batch_size, seq_len + 1)) < 0.1
-    random_tokens = rng.integers(0, vocab_size, (batch_size, seq_len + 1))
-    tokens = np.empty((batch_size, seq_len + 1), np.int64)
-    tokens[:, 0] = random_tokens[:, 0]
-    for t in range(1, seq_len + 1):
-        tokens[:, t] = np.where(noise[:, t], random_tokens[:, t], successor[tokens[:, t - 1]])
-    tokens = tokens.astype(np.int32)
-    shape = (batch_size, seq_len)
-    return {
-        "inputs": tokens[:, :-1],
-        "targets": tokens[:, 1:],
-        "segment_ids": np.ones(shape, np.int32),
-        "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), shape).copy(),
-        "loss_mask": np.ones(shape, np.float32),
-        "target_bytes": np.ones(shape, np.int32),
-    }
-
-
-def compression_bits_per_byte(texts: list[str]) -> dict[str, float]:
-    """Bits per byte of zlib -9 and xz -9 on the texts joined with "\\n", as UTF-8."""
-    data = "\n".join(texts).encode("utf-8")
-    if not data:
-        raise ValueError("compression_bits_per_byte needs non-empty text")
-    return {
-        "zlib-9": 8.0 * len(zlib.compress(data, 9)) / len(data),
-        "xz-9": 8.0 * len(lzma.compress(data, preset=9)) / len(data),
-    }
+def eval_slots(
+    total: int, batch_size: int, process_index: int | None = None, process_count=None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Per validation batch, in order: (positions in the fixed evaluation set of this
+    process's rows, which of them are real). The last batch is filled up to batch_size with
+    repeated positions whose rows must count nothing (fill rows)."""
+    share = process_share(batch_size, process_index, process_count)
+    for start in range(0, total, batch_size):
+        positions = np.resize(np.arange(start, min(start + batch_size, total)), batch_size)
+        real = np.arange(start, start + batch_size) < total
+        yield positions[share], real[share]

@@ -33,7 +33,7 @@ import warnings
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from jaxlm.data import corpus
+from jaxlm.data.builtin import corpus
 
 # The pretraining corpus's file split, so tasks match it.
 VALIDATION_PERCENT = corpus.VALIDATION_PERCENT

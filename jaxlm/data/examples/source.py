@@ -1,9 +1,9 @@
 """Labelled-example tasks (seq2seq pairs, classification): one example per row, not documents.
 
-`make_example_source(config, tok)` builds (or reuses) the task's example cache (example_reader.py
-reads the examples, example_cache.py cleans and tokenizes them once) and serves step-addressed
-numpy batches from it. A batch row is an example's ids cut to the row length minus one, then
-EOS, then padding (id 0); eval batches cover every validation example once.
+`build(spec, tok)` builds (or reuses) the task's example cache (read.py reads the examples,
+cache.py cleans and tokenizes them once) and serves step-addressed numpy batches from it. A
+batch row is an example's ids cut to the row length minus one, then EOS, then padding (id 0);
+eval batches cover every validation example once.
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ from collections.abc import Callable
 import numpy as np
 
 from jaxlm import monitor
-from jaxlm.data import pipeline, source, spans
-from jaxlm.data.example_cache import SPLITS, TEXTS, Ragged, build_cache
-from jaxlm.data.example_reader import Fields
-from jaxlm.data.readers import DataError
+from jaxlm.data import sampling
+from jaxlm.data.batches import classify_batch, seq2seq_batch
+from jaxlm.data.cache_format import Ragged, load_array
+from jaxlm.data.examples.cache import TEXTS, build_cache
+from jaxlm.data.specs import DataSpec
+from jaxlm.data.types import SPLITS, DataError, DataSource
 
 
 @dataclasses.dataclass
@@ -37,15 +39,12 @@ class ExampleSplit:
 class ExampleData:
     """The example cache of one task, with step-addressed batches for any process."""
 
-    def __init__(self, config, tok, log: Callable[[str], None] = monitor.console) -> None:
-        d = config.data
-        self.config, self.tok, self.fields = config, tok, Fields.from_config(config)
-        self.directory, self.manifest = build_cache(config, tok, log)
+    def __init__(self, spec: DataSpec, tok, log: Callable[[str], None] = monitor.console) -> None:
+        self.spec, self.tok, self.fields = spec, tok, spec.fields
+        self.directory, self.location, self.manifest = build_cache(spec, tok, log)
         self.splits = {split: self._load(split) for split in SPLITS}
         self.train, self.valid = self.splits["train"], self.splits["validation"]
-        self.sampler = pipeline.StepSampler(
-            [self.train.size], [1.0], d.batch_size, config.train.seed
-        )
+        self.sampler = sampling.StepSampler([self.train.size], [1.0], spec.batch_size, spec.seed)
         self._texts: list[dict] | None = None
 
     def _load(self, split: str) -> ExampleSplit:
@@ -53,10 +52,10 @@ class ExampleData:
         data = ExampleSplit(
             Ragged.load(self.directory, f"{split}.inputs"),
             Ragged.load(self.directory, f"{split}.targets") if s2s else None,
-            None if s2s else np.load(self.directory / f"{split}.labels.npy"),
+            None if s2s else load_array(self.directory, f"{split}.labels.npy"),
         )
         if data.labels is not None:
-            classes = self.config.model.num_classes
+            classes = self.spec.num_classes
             bad = np.flatnonzero((data.labels < 0) | (data.labels >= classes))
             if bad.size:
                 label = int(data.labels[bad[0]])
@@ -75,32 +74,28 @@ class ExampleData:
 
     def batch(self, split: ExampleSplit, index: np.ndarray) -> dict[str, np.ndarray]:
         """The model arrays of these examples, one per row."""
-        d, eos = self.config.data, self.tok.eos_id
-        inputs, input_seg = split.inputs.rows(index, d.seq_len, eos)
+        spec, eos = self.spec, self.tok.eos_id
+        inputs, input_seg = split.inputs.rows(index, spec.seq_len, eos)
         if self.fields.seq2seq:
-            return spans.seq2seq_batch(
-                inputs, input_seg, *split.targets.rows(index, d.target_len, eos)
+            return seq2seq_batch(
+                inputs, input_seg, *split.targets.rows(index, spec.target_len, eos)
             )
-        return spans.classify_batch(inputs, input_seg, split.labels[index])
+        return classify_batch(inputs, input_seg, split.labels[index])
 
     def train_batch(self, step: int, process_index=None, process_count=None) -> dict:
         """This process's rows of the global batch at `step` (a keyed permutation per epoch)."""
         _, rows = self.sampler.rows_for_step(step)
-        share = pipeline.process_share(len(rows), process_index, process_count)
+        share = sampling.process_share(len(rows), process_index, process_count)
         return self.batch(self.train, rows[share])
 
     def eval_batches(self, max_batches: int, process_index=None, process_count=None) -> list:
         """Validation examples in order in full batches (max_batches 0: all); the last batch is
         filled with repeated real examples whose loss_mask / example_mask is 0."""
-        size = self.config.data.batch_size
-        total = self.valid.size
+        size, total = self.spec.batch_size, self.valid.size
         if max_batches > 0:
             total = min(total, max_batches * size)
-        share = pipeline.process_share(size, process_index, process_count)
         out = []
-        for start in range(0, total, size):
-            index = np.resize(np.arange(start, min(start + size, total)), size)[share]
-            real = (np.arange(start, start + size) < total)[share]
+        for index, real in sampling.eval_slots(total, size, process_index, process_count):
             batch = self.batch(self.valid, index)
             if self.fields.seq2seq:
                 batch["loss_mask"] = batch["loss_mask"] * real[:, None]
@@ -120,7 +115,7 @@ class ExampleData:
         """Validation examples in order (0: all): input ids as in the batches (EOS included),
         the cleaned input text, and the reference text (seq2seq) or label (classify)."""
         n = self.valid.size if max_examples <= 0 else min(max_examples, self.valid.size)
-        ids, seg = self.valid.inputs.rows(np.arange(n), self.config.data.seq_len, self.tok.eos_id)
+        ids, seg = self.valid.inputs.rows(np.arange(n), self.spec.seq_len, self.tok.eos_id)
         lengths = seg.sum(axis=1)
         out = []
         for i, text in enumerate(self.texts()[:n]):
@@ -134,7 +129,7 @@ class ExampleData:
 
     def describe(self) -> dict:
         """What the run reads, for WORKDIR/data.json."""
-        d = self.config.data
+        d = self.spec
         splits = {}
         for name, split in self.splits.items():
             lengths = split.inputs.lengths
@@ -158,16 +153,16 @@ class ExampleData:
             "task": self.fields.objective,
             "source": self.manifest["source"],
             "fields": {"input": self.fields.input, self.fields.other_config_key: self.fields.other},
-            "cache": str(self.directory),
+            "cache": self.location,
             "cleaning": self.manifest["cleaning"],
             "seq_len": d.seq_len,
             **({"target_len": d.target_len} if self.fields.seq2seq else {}),
             **splits,
         }
 
-    def source(self) -> source.DataSource:
+    def source(self) -> DataSource:
         tok = self.tok
-        return source.DataSource(
+        return DataSource(
             vocab_size=tok.vocab_size,
             train_batch=self.train_batch,
             eval_batches=self.eval_batches,
@@ -191,9 +186,9 @@ def _length_stats(lengths: np.ndarray) -> dict:
     }
 
 
-def make_example_source(
-    config, tok, log: Callable[[str], None] = monitor.console
-) -> tuple[source.DataSource, dict]:
+def build(
+    spec: DataSpec, tok, log: Callable[[str], None] = monitor.console
+) -> tuple[DataSource, dict]:
     """(the DataSource of a seq2seq or classify task, its describe() dict for data.json)."""
-    data = ExampleData(config, tok, log)
+    data = ExampleData(spec, tok, log)
     return data.source(), data.describe()

@@ -1,0 +1,1 @@
+"""Labelled examples (seq2seq, classify): read, clean and tokenize into the cache, batch rows."""
