@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import tempfile
 import time
 
 import flax
@@ -20,6 +19,8 @@ import numpy as np
 from jaxlm import config as config_lib
 from jaxlm import evaluate, sharding, train
 from jaxlm.data import feed
+from jaxlm.data.builtin import synthetic
+from jaxlm.data.types import DataSource
 from jaxlm.generate import SamplingSettings, make_generate
 from jaxlm.state import ModelState
 
@@ -30,12 +31,16 @@ def device_peak_memory_gib() -> float | None:
     return None if peak is None else peak / 2**30
 
 
+def synthetic_source(config) -> DataSource:
+    """Synthetic batches of the config's objective and shapes: no TensorFlow, no text, no
+    host-side input cost in the figures."""
+    return synthetic.build(config_lib.data_spec(config))
+
+
 def benchmark(config, steps: int = 20, warmup: int = 3, chunks: int = 4) -> dict:
     """Time `steps` train steps of `config` on synthetic batches already on device."""
-    config = config_lib.with_synthetic_data(config)  # no TensorFlow, no host-side input cost
     t_start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as workdir:
-        s = train.setup(config, workdir)
+    s = train.setup(config, None, data=synthetic_source(config))
     step_fn = train.make_train_step(s)
     batches = [feed.to_device(s.data.train_batch(i), s.batch_sharding) for i in range(2)]
     with sharding.use_rules(s.mesh, config.mesh.rules):
@@ -144,9 +149,7 @@ def memory_report(config, devices=None) -> dict:
     for `devices` (default: all local devices; TPU topology devices work too, see
     `tpu_topology_devices`). State bytes come from the shardings; the rest is XLA's own analysis.
     """
-    config = config_lib.with_synthetic_data(config)
-    with tempfile.TemporaryDirectory() as workdir:
-        s = train.setup(config, workdir, devices)
+    s = train.setup(config, None, devices, data=synthetic_source(config))
     state = train.abstract_state(s)
     # This process's rows (host numpy): only their dtypes and the global shape are used.
     rows = s.data.train_batch(0)

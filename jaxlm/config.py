@@ -317,13 +317,6 @@ def synthetic_vocab_size(config: ml_collections.ConfigDict) -> int:
     return config.model.vocab_size or config.data.tokenizer_vocab_size
 
 
-def with_synthetic_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A copy of `config` training on synthetic batches (the benchmarks' input: no host cost)."""
-    config = copy.deepcopy(config)
-    config.data.source = "synthetic"
-    return config
-
-
 def data_spec(config: ml_collections.ConfigDict) -> specs.DataSpec:
     """The one place a ConfigDict becomes the data layer's frozen DataSpec.
 

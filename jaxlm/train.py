@@ -82,9 +82,16 @@ def init_state(model_cfg: TransformerConfig, tx, seed: int) -> dict:
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
 
-def setup(config, workdir: str | Path, devices=None, optimizer: bool = True) -> Setup:
+def setup(
+    config,
+    workdir: str | Path | None,
+    devices=None,
+    optimizer: bool = True,
+    data: DataSource | None = None,
+) -> Setup:
     """The run's mesh, data, objective and model state, plus its optimizer unless `optimizer`
-    is False (the eval program builds none)."""
+    is False (the eval program builds none). `data` replaces the configured data (the
+    benchmarks' synthetic batches of the same shapes)."""
     # The mesh and platform checks first: a refused launch must not build caches or train a
     # tokenizer (and pin it to the workdir) before it fails.
     mesh = sharding.mesh_from_config(config.mesh, devices)
@@ -95,7 +102,8 @@ def setup(config, workdir: str | Path, devices=None, optimizer: bool = True) -> 
             f"model.attention_impl=cudnn needs an NVIDIA GPU but the devices are {platform}; "
             "add --config.model.attention_impl=xla"
         )
-    data = build_source(config_lib.data_spec(config), workdir)
+    if data is None:
+        data = build_source(config_lib.data_spec(config), workdir)
     model = ModelState.build(
         config_lib.model_config(config, data.vocab_size), mesh, config.mesh.rules
     )
