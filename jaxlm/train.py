@@ -238,12 +238,15 @@ def make_eval_step(s: Setup) -> EvalStep:
         return jax.tree.map(jnp.add, sums, batch_sums(params, batch, index))
 
     replicated = NamedSharding(s.mesh, PartitionSpec())
+    shapes = []  # of the sums, traced once
 
     def zeros(params, batch, index):
-        shapes = jax.eval_shape(batch_sums, params, batch, index)
+        if not shapes:
+            shapes.append(jax.eval_shape(batch_sums, params, batch, index))
         zero = lambda x: np.zeros(x.shape, x.dtype)  # noqa: E731
         return jax.tree.map(
-            lambda x: jax.make_array_from_callback(x.shape, replicated, lambda _: zero(x)), shapes
+            lambda x: jax.make_array_from_callback(x.shape, replicated, lambda _: zero(x)),
+            shapes[0],
         )
 
     step = jax.jit(

@@ -14,13 +14,15 @@ import textwrap
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_config
 
-from jaxlm import distributed, inference, train
+from jaxlm import distributed, inference, sharding, train
 from jaxlm.config import base_config
-from jaxlm.data import tokenizer
+from jaxlm.data import feed, tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 120
@@ -252,6 +254,26 @@ def test_two_processes_evaluate_like_one(tmp_path, texts, objective):
     want = inference.evaluate_run(reference, max_batches=1)
     assert got["step"] == want.pop("step") == 4
     assert_same_metrics({k: got[k] for k in want}, want)
+
+
+def test_eval_steps_are_chained_through_their_sums(tmp_path):
+    """Each eval step adds to the sums it is given, so consecutive steps depend on each other
+    and every device runs them in one order: independent steps may run in any order on CPU, and
+    two processes meeting different steps' collectives wait for each other forever."""
+    c = tiny_config(objective="classify")
+    s = train.setup(c, tmp_path)
+    params = train.create_state(s)["params"]
+    step = train.make_eval_step(s)
+    with sharding.use_rules(s.mesh, c.mesh.rules):
+        batch = feed.to_device(s.data.eval_batches(1)[0], s.batch_sharding)
+        index = jnp.int32(0)
+        zeros = step.zeros(params, batch, index)
+        once = step.step(params, batch, index, zeros)
+        twice = step.step(params, batch, index, once)
+    assert set(once) >= {"nll", "correct", "examples"}
+    for key, value in jax.device_get(once).items():
+        assert not np.any(jax.device_get(zeros[key]))
+        np.testing.assert_allclose(jax.device_get(twice[key]), 2 * value, rtol=1e-6, err_msg=key)
 
 
 def test_a_hang_names_where_each_process_is(tmp_path):
