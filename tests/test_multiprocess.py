@@ -256,6 +256,26 @@ def test_two_processes_evaluate_like_one(tmp_path, texts, objective):
     assert_same_metrics({k: got[k] for k in want}, want)
 
 
+@pytest.mark.parametrize("objective", ["lm", "span_corruption", "classify"])
+def test_processes_share_the_same_eval_batches(tmp_path, texts, objective):
+    """run_eval's contract with the data: for the whole split and for N batches, every process
+    gets as many eval batches as one process does, and their rows make up its batches."""
+    c = eval_config(texts, "lm" if objective == "span_corruption" else objective)
+    if objective == "span_corruption":  # a tokenizer with sentinels, trained for the run
+        c.task.objective, c.model.family = objective, "encoder_decoder"
+        c.data.tokenizer, c.data.tokenizer_sentinels = "", 16
+        c.data.tokenizer_vocab_size = 300
+    data = train.setup(c, tmp_path).data
+    for n in (0, 3):
+        whole = data.eval_batches(n, 0, 1)
+        shares = [data.eval_batches(n, i, 2) for i in range(2)]
+        assert len(whole) == len(shares[0]) == len(shares[1]) == (n or len(whole)) >= 3
+        for b, batch in enumerate(whole):
+            for key, value in batch.items():
+                got = np.concatenate([share[b][key] for share in shares])
+                np.testing.assert_array_equal(got, value, err_msg=f"batch {b} {key}")
+
+
 def test_eval_steps_are_chained_through_their_sums(tmp_path):
     """Each eval step adds to the sums it is given, so consecutive steps depend on each other
     and every device runs them in one order: independent steps may run in any order on CPU, and
