@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from jaxlm import distributed, inference, sharding, train
-from jaxlm.config import base_config
+from jaxlm import config_checks, distributed, inference, sharding, train
+from jaxlm.config import ConfigError, base_config
 from jaxlm.data import feed, tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -352,6 +352,17 @@ def test_a_hang_names_where_each_process_is(tmp_path):
     assert re.search(r"process 0: in eval batch 2 of 3 \(\d+ s ago\)", line), line
     assert "process 1: after saving (" in line, line
     assert "raise --config.train.hang_timeout" in line, line
+
+
+def test_hang_timeout_is_checked_and_one_process_is_unwatched():
+    c = tiny_config()
+    c.train.hang_timeout = -1.0
+    with pytest.raises(ConfigError, match="'train.hang_timeout' must be >= 0, got -1"):
+        config_checks.validate(c)
+    fired = []
+    with distributed.deadline("eval batch 1 of 1", 0.01, on_timeout=lambda *a: fired.append(a)):
+        time.sleep(0.2)  # one process: nothing else can keep it waiting
+    assert fired == []
 
 
 def test_distributed_arguments_are_checked():
