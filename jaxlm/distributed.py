@@ -85,8 +85,8 @@ def _publish(place: str) -> None:
 
 
 def where_processes() -> str:
-    """'process 0: in eval batch 3 of 9 (41 s ago); process 1: ...' from the last places the
-    processes published (what a process that never published is reported as: 'no report')."""
+    """'process 0: in eval batch 3 of 9 (41 s ago); process 1: ...', the places the processes
+    published last ('no report' for one that published none)."""
     now, places = time.time(), {}
     with contextlib.suppress(Exception):  # the coordinator may be gone: report what is known
         for key, value in _client().key_value_dir_get(_WHERE):
@@ -102,9 +102,9 @@ def where_processes() -> str:
 def _hang(where: str, timeout_s: float) -> None:
     me, n = jax.process_index(), jax.process_count()
     print(
-        f"jaxlm: process {me} of {n} waited {timeout_s:g} s in {where}: the processes are not "
-        f"running the same steps ({where_processes()}); stopping. If a step can take this "
-        "long, raise --config.train.hang_timeout",
+        f"jaxlm: process {me} of {n} waited {timeout_s:g} s in {where} for the others "
+        f"({where_processes()}); stopping, as a collective that another process never joins "
+        "waits forever. If a step can take this long, raise --config.train.hang_timeout",
         file=sys.stderr,
         flush=True,
     )
