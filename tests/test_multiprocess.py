@@ -66,11 +66,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(module: str, *args: str, port: int | None = None) -> list[subprocess.Popen]:
+def launch(module: str, *args: str) -> list[subprocess.Popen]:
     """`python -m module args` as processes 0 and 1 of one job, 4 CPU devices each."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-    port = port or free_port()
+    port = free_port()
     procs = []
     for i in range(2):
         cmd = [
