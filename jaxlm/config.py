@@ -155,6 +155,9 @@ def base_config() -> ml_collections.ConfigDict:
     t.eval_every = 500  # steps between evaluations on the validation split; 0: only at the end
     t.eval_steps = 20  # validation batches per evaluation; 0: the whole split
     t.eval_decode = 0  # seq2seq: greedy-decode this many validation examples per eval for BLEU
+    # Multi-process runs: seconds an eval or decode batch may wait on the other processes (a
+    # step they do not run) before the run stops, saying where each process is; 0: no limit.
+    t.hang_timeout = 1800.0
     t.checkpoint_every = 500  # steps between checkpoints (one is always written at the end)
     t.keep_checkpoints = 3  # checkpoints kept on disk
     t.checkpoint_dir = ""  # where checkpoints go (local or gs://); empty: WORKDIR/checkpoints

@@ -3,11 +3,20 @@
 `initialize` calls `jax.distributed.initialize` when the command line or the environment asks for
 it: explicitly with a coordinator address (GPU clusters, local tests), or by auto-detection on
 Cloud TPU pods, SLURM and Open MPI. A single process on one machine needs none of it.
+
+`deadline(where, seconds)` bounds a block holding collectives: when processes run different
+steps, a collective waits forever; the deadline ends such a hang with one line saying where
+each process is.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import sys
+import threading
+import time
 
 import jax
 
@@ -58,3 +67,68 @@ def initialize(
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(address, num_processes, process_id)
     return True
+
+
+_WHERE = "jaxlm/where/"  # key-value store directory: each process's place, for hang reports
+HANG_EXIT_CODE = 3
+
+
+def _client():
+    from jax._src import distributed as jax_distributed  # the coordinator's key-value store
+
+    return jax_distributed.global_state.client
+
+
+def _publish(place: str) -> None:
+    record = json.dumps({"place": place, "time": time.time()})
+    _client().key_value_set(f"{_WHERE}{jax.process_index()}", record, allow_overwrite=True)
+
+
+def where_processes() -> str:
+    """'process 0: in eval batch 3 of 9 (41 s ago); process 1: ...', the places the processes
+    published last ('no report' for one that published none)."""
+    now, places = time.time(), {}
+    with contextlib.suppress(Exception):  # the coordinator may be gone: report what is known
+        for key, value in _client().key_value_dir_get(_WHERE):
+            record = json.loads(value)
+            places[int(key.rsplit("/", 1)[-1])] = (
+                f"{record['place']} ({now - record['time']:.0f} s ago)"
+            )
+    return "; ".join(
+        f"process {i}: {places.get(i, 'no report')}" for i in range(jax.process_count())
+    )
+
+
+def _hang(where: str, timeout_s: float) -> None:
+    me, n = jax.process_index(), jax.process_count()
+    print(
+        f"jaxlm: process {me} of {n} waited {timeout_s:g} s in {where} for the others "
+        f"({where_processes()}); stopping, as a collective that another process never joins "
+        "waits forever. If a step can take this long, raise --config.train.hang_timeout",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(HANG_EXIT_CODE)  # the main thread is blocked inside a collective: no unwinding
+
+
+@contextlib.contextmanager
+def deadline(where: str, timeout_s: float, on_timeout=_hang):
+    """Run the block; in a multi-process run, one lasting over `timeout_s` seconds calls
+    on_timeout(where, timeout_s), by default: print where every process is and exit.
+
+    Each process publishes its place ("in WHERE", then "after WHERE") in the coordinator's
+    key-value store, so the report names the others' places too. A single process, or
+    timeout_s <= 0, runs the block unwatched (nothing else can keep it waiting).
+    """
+    if jax.process_count() == 1 or timeout_s <= 0:
+        yield
+        return
+    _publish(f"in {where}")
+    timer = threading.Timer(timeout_s, on_timeout, args=(where, timeout_s))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+    _publish(f"after {where}")

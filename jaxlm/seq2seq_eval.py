@@ -30,7 +30,7 @@ import numpy as np
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxlm import sharding, text_metrics
+from jaxlm import distributed, sharding, text_metrics
 from jaxlm.data.batches import padded
 from jaxlm.data.types import EOS_ID, PAD_ID
 from jaxlm.generate import (
@@ -137,7 +137,7 @@ def decode_ids(s, params, sources: Sequence[np.ndarray], settings: BeamSettings)
     fn = _compiled(s.graphdef, mesh, rules, settings, config.model.family == "decoder")
     ids, lengths = padded_sources(sources, width)
     row_sh = s.batch_sharding  # rows split over the batch axes as in training
-    out = []
+    out, count = [], -(-len(ids) // batch)
     with sharding.use_rules(mesh, rules):
         for start in range(0, len(ids), batch):
             n = min(batch, len(ids) - start)
@@ -146,8 +146,11 @@ def decode_ids(s, params, sources: Sequence[np.ndarray], settings: BeamSettings)
             src[:, 0] = settings.eos_id
             src_len = np.ones(batch, np.int32)
             src[:n], src_len[:n] = ids[start : start + n], lengths[start : start + n]
-            tokens = fn(params, _global(src, row_sh), _global(src_len, row_sh))
-            tokens = np.asarray(tokens)[:n]
+            where = f"decode batch {start // batch + 1} of {count}"
+            # Every process decodes all the sources, one batch at a time: the same steps.
+            with distributed.deadline(where, config.train.hang_timeout):
+                tokens = fn(params, _global(src, row_sh), _global(src_len, row_sh))
+                tokens = np.asarray(tokens)[:n]
             out.extend(strip_output(row, settings.eos_id, settings.pad_id) for row in tokens)
     return out
 
