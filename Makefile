@@ -21,8 +21,10 @@ demo: install
 	$(BIN)/jaxlm-generate --workdir $(DEMO_DIR) --prompt 'def ' --max_new_tokens 80 \
 		--temperature 0.7 --top_k 40
 
+# Both cores: pytest-xdist, a file per worker at a time (module fixtures are built once), one
+# XLA compilation cache for both workers and their subprocesses (tests/conftest.py).
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 lint: install
 	$(BIN)/lint-imports --config setup.cfg

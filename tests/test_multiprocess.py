@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import tiny_config, xla_flags
 
 from jaxlm import config_checks, distributed, inference, sharding, train
 from jaxlm.config import ConfigError, base_config
@@ -69,7 +69,7 @@ def free_port() -> int:
 def launch(module: str, *args: str) -> list[subprocess.Popen]:
     """`python -m module args` as processes 0 and 1 of one job, 4 CPU devices each."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    env["XLA_FLAGS"] = xla_flags(4)
     port = free_port()
     procs = []
     for i in range(2):
@@ -324,9 +324,7 @@ def test_a_hang_names_where_each_process_is(tmp_path):
             """
         )
     )
-    env = dict(
-        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1"
-    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
     address = f"127.0.0.1:{free_port()}"
     procs = [
         subprocess.Popen(

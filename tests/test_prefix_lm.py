@@ -6,6 +6,7 @@ The reference for every check is the plain causal model run on one unpadded row 
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -48,10 +49,18 @@ def run(tmp_path_factory):
     return s, params, sources
 
 
+@functools.cache
+def _causal_forward(graphdef):
+    return jax.jit(lambda params, tokens_BT: nnx.merge(graphdef, params)(tokens_BT))
+
+
 def row_logits(s, params, row: np.ndarray) -> np.ndarray:
-    """Logits [len, V] of one unpadded row under the plain causal forward pass."""
-    model = nnx.merge(s.graphdef, jax.tree.map(np.asarray, params))
-    return np.asarray(model(jnp.asarray(row)[None]))[0]
+    """Logits [len, V] of one unpadded row under the plain causal forward pass (one compiled
+    width: right padding cannot change a causal model's logits at the real positions)."""
+    tokens = np.zeros((1, s.config.model.max_len), np.int32)
+    tokens[0, : len(row)] = row
+    host = jax.tree.map(np.asarray, params)
+    return np.asarray(_causal_forward(s.graphdef)(host, tokens))[0, : len(row)]
 
 
 def settings(**kw) -> BeamSettings:
