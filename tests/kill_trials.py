@@ -1,0 +1,168 @@
+"""kill -9 at seeded random moments, then resume: every resumed run must equal an uninterrupted one.
+
+    python tests/kill_trials.py --trials 20 [--seed 0] [--root DIR]
+
+A tiny run (experiments/pylm_tiny.py shrunk to synthetic data, 8 fake CPU devices) is trained
+once without interruption. Each trial starts the same `jaxlm-train` command, sends it SIGKILL
+after a delay drawn (seeded) from the uninterrupted run's duration, re-runs the command to the
+end and checks: the final training and eval losses equal the uninterrupted run's (to 1e-5), and
+metrics.jsonl holds each step once. Each line says what the kill interrupted (startup or the
+first compile, a training step, an async save, an eval). Exit status 1 when a trial fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS, EVAL_EVERY = 16, 6
+OVERRIDES = [
+    "--config.data.source=synthetic",
+    "--config.model.vocab_size=64",
+    "--config.model.num_layers=1",
+    "--config.model.d_model=64",
+    "--config.model.d_ff=128",
+    "--config.data.seq_len=32",
+    "--config.data.batch_size=8",
+    f"--config.train.steps={STEPS}",
+    "--config.train.log_every=1",
+    "--config.train.checkpoint_every=4",
+    f"--config.train.eval_every={EVAL_EVERY}",
+    "--config.train.eval_steps=8",
+]
+
+
+def environment() -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    if "xla_force_host_platform_device_count" not in env.get("XLA_FLAGS", ""):
+        env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    return env
+
+
+def start(workdir: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "jaxlm.cli.train", "--config", "experiments/pylm_tiny.py"]
+    cmd += ["--workdir", str(workdir), *OVERRIDES]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=environment(), text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+
+def run_to_end(workdir: Path) -> tuple[float, float]:
+    """Run (or resume) to the last step: (seconds to the first step's line, wall time)."""
+    t0 = time.perf_counter()
+    proc = start(workdir)
+    out, first = [], None
+    for line in proc.stdout:
+        out.append(line)
+        if first is None and line.startswith("step "):
+            first = time.perf_counter() - t0
+    proc.wait(timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"jaxlm-train exited {proc.returncode}:\n{''.join(out)[-3000:]}")
+    total = time.perf_counter() - t0
+    return (total if first is None else first), total
+
+
+def results(workdir: Path) -> dict:
+    """Final train and eval loss, and the (kind, step) of each metrics line."""
+    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "train/loss" in r]
+    evals = [r for r in records if "eval/loss" in r]
+    return {
+        "train_loss": train[-1]["train/loss"],
+        "eval_loss": evals[-1]["eval/loss"],
+        "lines": [("eval" if "eval/loss" in r else "train", r["step"]) for r in records],
+    }
+
+
+def kill_after(workdir: Path, delay: float) -> str:
+    """Start a run, SIGKILL it after `delay` seconds; what it was doing then."""
+    proc = start(workdir)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        proc.wait(timeout=delay)
+        reader.join()
+        return "finished before the kill"
+    except subprocess.TimeoutExpired:
+        pass
+    saving = any(".orbax-checkpoint-tmp" in p.name for p in (workdir / "checkpoints").glob("*"))
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    reader.join()
+    return phase(lines, saving)
+
+
+def phase(lines: list[str], saving: bool) -> str:
+    if saving:
+        return "an async save"
+    steps = [x for x in lines if x.startswith("step ")]
+    if not steps:
+        return "startup or the first compile"
+    last = lines[-1] if lines else ""
+    step = int(steps[-1].split()[1].split("/")[0])
+    if last.startswith("step ") and (step % EVAL_EVERY == 0 or step == STEPS):
+        return f"the eval at step {step}"
+    return f"training after step {step}"
+
+
+def moment(rng: random.Random, first: float, total: float) -> float:
+    """A kill time: a quarter of the draws before the first step (startup, compile), the rest
+    over the steps, saves and evals, which take a small part of a tiny run's wall time."""
+    if rng.random() < 0.25:
+        return rng.uniform(0.0, first)
+    return rng.uniform(max(first - 0.5, 0.0), total)
+
+
+def trial(root: Path, reference: dict, delay: float) -> dict:
+    workdir = root / f"trial-{delay:.3f}"
+    what = kill_after(workdir, delay)
+    run_to_end(workdir)
+    got = results(workdir)
+    diff = max(
+        abs(got["train_loss"] - reference["train_loss"]),
+        abs(got["eval_loss"] - reference["eval_loss"]),
+    )
+    ok = diff <= 1e-5 * abs(reference["train_loss"]) and got["lines"] == reference["lines"]
+    return {"delay": delay, "killed during": what, "max loss diff": diff, "ok": ok}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--root", default=None, help="where the runs go (default: a temp dir)")
+    args = parser.parse_args(argv)
+    root = Path(args.root or tempfile.mkdtemp(prefix="jaxlm-kill-"))
+    first, total = run_to_end(root / "uninterrupted")
+    reference = results(root / "uninterrupted")
+    rng = random.Random(args.seed)
+    failed = 0
+    for i in range(args.trials):
+        r = trial(root, reference, delay=moment(rng, first, total))
+        failed += not r["ok"]
+        print(
+            f"trial {i + 1}/{args.trials}: kill -9 at {r['delay']:.2f}s "
+            f"({r['killed during']}): max loss diff {r['max loss diff']:.2e}, "
+            f"{'OK' if r['ok'] else 'FAILED'}",
+            flush=True,
+        )
+    print(f"{args.trials - failed}/{args.trials} resumed runs equal the uninterrupted one ({root})")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
