@@ -119,11 +119,10 @@ class Checkpointer:
             damaged.append((step, problem))
         else:
             if damaged:
-                step, problem = damaged[-1]
+                listed = ", ".join(f"step {n}: {problem}" for n, problem in damaged[:3])
                 raise CheckpointError(
-                    f"checkpoint step {step} in {self.directory} is damaged ({problem}) and no "
-                    "earlier complete step exists: put the file back from a copy, or move "
-                    f"{self.directory} aside to start again from step 0"
+                    f"no complete checkpoint in {self.directory} ({listed}): put the files back "
+                    f"from a copy, or move {self.directory} aside to start again from step 0"
                 )
             return None
         for bad, problem in damaged:
@@ -261,7 +260,10 @@ def _remove_unfinished_saves(directory: epath.Path) -> None:
                 f"removing {p}: an unfinished save of step {p.name.split('.')[0]} (the run "
                 "was stopped while saving); resuming from the newest complete checkpoint"
             )
-            p.rmtree()
+            try:
+                p.rmtree()
+            except OSError:
+                pass  # still being written by a dying save in this process: Orbax retries
 
 
 def _flat_shapes(tree) -> dict[str, tuple]:
