@@ -41,8 +41,6 @@ class Checkpointer:
         if not storage.is_remote(str(directory)):
             self.directory = epath.Path(Path(directory).absolute())
         self._pending: int | None = None  # a save started but not known to be finished
-        if jax.process_index() == 0:
-            _remove_unfinished_saves(self.directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save
         )
@@ -107,9 +105,12 @@ class Checkpointer:
         )
 
     def latest_complete_step(self) -> int | None:
-        """The newest step whose files match its manifest; newer damaged steps are named and
-        moved aside (STEP.damaged). Refuses when every step is damaged: never a silent restart
-        from step 0 over existing checkpoints."""
+        """The newest step whose files match its manifest, for the trainer holding the workdir
+        lock; newer damaged steps are named and moved aside (STEP.damaged), unfinished saves
+        removed. Refuses when every step is damaged: never a silent restart from step 0 over
+        existing checkpoints."""
+        if jax.process_index() == 0:  # here, not in __init__: jaxlm-eval may run beside a save
+            _remove_unfinished_saves(self.directory)
         steps = sorted(self.manager.all_steps(), reverse=True)
         damaged = []
         for step in steps:

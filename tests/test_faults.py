@@ -189,7 +189,7 @@ def test_metrics_write_on_a_full_disk_keeps_whole_lines(tmp_path, monkeypatch):
 
 
 def test_checkpoint_save_on_a_full_disk_stops_and_keeps_the_last_one(
-    trained, tmp_path, monkeypatch
+    trained, tmp_path, monkeypatch, capsys
 ):
     run = copy_of(trained, tmp_path)
     shutil.rmtree(run / "checkpoints" / "6")
@@ -207,8 +207,12 @@ def test_checkpoint_save_on_a_full_disk_stops_and_keeps_the_last_one(
     assert message.startswith(f"saving checkpoint step 6 in {run / 'checkpoints'} failed: ")
     assert "No space left on device" in message and "(step 3) is kept" in message
     monkeypatch.undo()
+    capsys.readouterr()
     out = train.train(tiny_config(), run)  # the last good checkpoint resumes
     assert out["step"] == 6
+    assert "an unfinished save of step 6 (the run was stopped while saving)" in (
+        capsys.readouterr().out
+    )
     np.testing.assert_allclose(final_loss(run), final_loss(trained), rtol=1e-5)
 
 

@@ -95,6 +95,18 @@ def run_cli(*args, cwd=ROOT):
             "{bad}:2: syntax error (invalid syntax): fix the experiment file",
         ),
         (
+            "error in get_config", ["--config", "{bad}", "--workdir", "{tmp}/run"], 2,
+            "{bad}:2: NameError: name 'base_confg' is not defined (raised while running",
+        ),
+        (
+            "missing config", ["--config", "{tmp}/nope.py", "--workdir", "{tmp}/run"], 2,
+            "nope.py not found; pass --config experiments/NAME.py",
+        ),
+        (
+            "missing workdir", ["--config", "experiments/pylm_tiny.py"], 2,
+            "--config and --workdir are required",
+        ),
+        (
             "unknown flag", ["--config", "experiments/pylm_tiny.py", "--wokdir", "x"], 2,
             "Unknown command line flag 'wokdir'. Did you mean: workdir ?",
         ),
@@ -111,7 +123,8 @@ def run_cli(*args, cwd=ROOT):
 )  # fmt: skip
 def test_bad_command_lines_are_one_line(tmp_path, case, args, status, message):
     bad = tmp_path / "bad.py"
-    bad.write_text("def get_config():\n    return 1 +\n")
+    body = "return base_confg()" if case == "error in get_config" else "return 1 +"
+    bad.write_text(f"def get_config():\n    {body}\n")
     args = [a.replace("{bad}", str(bad)).replace("{tmp}", str(tmp_path)) for a in args]
     message = message.replace("{bad}", str(bad))
     r = run_cli(*args)
