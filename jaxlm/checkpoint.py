@@ -126,6 +126,8 @@ class Checkpointer:
                     f"from a copy, or move {self.directory} aside to start again from step 0"
                 )
             return None
+        if damaged:
+            _sync("jaxlm_damaged_checkpoints_checked")  # all hosts decide before one moves them
         for bad, problem in damaged:
             target = _aside(self.directory, bad)
             monitor.console(
@@ -135,10 +137,7 @@ class Checkpointer:
             if jax.process_index() == 0:
                 (self.directory / str(bad)).rename(target)
         if damaged:
-            if jax.process_count() > 1:
-                from jax.experimental import multihost_utils
-
-                multihost_utils.sync_global_devices("jaxlm_damaged_checkpoints_moved")
+            _sync("jaxlm_damaged_checkpoints_moved")
             self.manager.reload()
         return step
 
@@ -240,6 +239,13 @@ def find_damage(step_dir: epath.Path) -> str | None:
         if actual != size:
             return f"{name} has {actual} bytes of {size}"
     return None
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _aside(directory: epath.Path, step: int) -> epath.Path:

@@ -53,6 +53,10 @@ class MetricsWriter:
             except OSError as e:
                 tmp.unlink(missing_ok=True)
                 raise _write_error(self.path, e) from None
+            console(
+                f"{self.path}: dropped {dropped} lines past step {step}, logged by the "
+                "interrupted run"
+            )
         return dropped
 
     def write(self, step: int, record: dict) -> None:

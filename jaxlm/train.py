@@ -325,12 +325,7 @@ class _Loop:
                     text = json.dumps(s.data.description, indent=2) + "\n"
                     (self.workdir / "data.json").write_text(text)
             start = int(jax.device_get(state["step"]))
-            dropped = self.writer.resume(start)  # each step logged once after a resume
-            if dropped:
-                monitor.console(
-                    f"{self.writer.path}: dropped {dropped} lines past step {start}, logged by "
-                    "the interrupted run"
-                )
+            self.writer.resume(start)  # each step logged once after a resume
             if s.data.baselines:
                 monitor.console(
                     "compressors on the validation text: "
