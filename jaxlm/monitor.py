@@ -32,17 +32,18 @@ class MetricsWriter:
         self._tb_dir = Path(workdir) / tensorboard_dir
         self._tb = None
 
-    def resume(self, step: int) -> int:
+    def resume(self, step: int, eval_again: bool = False) -> int:
         """Keep only whole lines of steps <= `step` (the checkpoint the run resumes from), so each
-        step is logged once; returns how many lines were dropped. TensorBoard is told to purge
-        the events past `step` the same way."""
+        step is logged once, and not the eval at `step` if `eval_again` (a finished run re-run
+        evaluates its last step again); returns how many lines were dropped. TensorBoard is
+        told to purge the events past `step` the same way."""
         if not self.enabled:
             return 0
         self._open_tensorboard(purge_step=step + 1 if step > 0 else None)
         if not self.path.is_file():
             return 0
         lines = self.path.read_bytes().split(b"\n")
-        kept = [x for x in lines[:-1] if _step_of(x) is not None and _step_of(x) <= step]
+        kept = [x for x in lines[:-1] if _keep(_parse(x), step, eval_again)]
         dropped = len(lines) - 1 - len(kept) + (1 if lines[-1] else 0)
         if dropped:
             # Written aside and renamed: a kill or a full disk here leaves the old file whole.
@@ -99,12 +100,21 @@ class MetricsWriter:
             self._tb.close()
 
 
-def _step_of(line: bytes) -> int | None:
-    """The step of one JSONL record, or None for a damaged line."""
+def _parse(line: bytes) -> dict | None:
+    """One JSONL record, or None for a damaged line."""
     try:
-        return int(json.loads(line)["step"])
+        record = json.loads(line)
+        int(record["step"])
+        return record
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def _keep(record: dict | None, step: int, eval_again: bool) -> bool:
+    if record is None or int(record["step"]) > step:
+        return False
+    is_eval = any(k.startswith("eval/") for k in record)
+    return not (eval_again and is_eval and int(record["step"]) == step)
 
 
 def _write_error(path: Path, e: OSError) -> WriteError:

@@ -325,7 +325,7 @@ class _Loop:
                     text = json.dumps(s.data.description, indent=2) + "\n"
                     (self.workdir / "data.json").write_text(text)
             start = int(jax.device_get(state["step"]))
-            self.writer.resume(start)  # each step logged once after a resume
+            self.writer.resume(start, eval_again=start >= cfg.steps)  # each step logged once
             if s.data.baselines:
                 monitor.console(
                     "compressors on the validation text: "

@@ -234,12 +234,19 @@ def tensorboard_purges(directory):
 
 def test_resume_drops_metrics_past_the_checkpoint(tmp_path):
     lines = [json.dumps({"step": s, "train/loss": float(s)}) for s in (1, 2, 3, 4, 5)]
+    lines.insert(3, json.dumps({"step": 3, "eval/loss": 0.5}))
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 6, "tra')
     writer = monitor.MetricsWriter(tmp_path)
     assert writer.resume(3) == 3  # steps 4 and 5, and the half line a kill left
     writer.write(4, {"train/loss": 4.5})
     writer.close()
-    assert [(r["step"], r["train/loss"]) for r in records(tmp_path)] == [
-        (1, 1.0), (2, 2.0), (3, 3.0), (4, 4.5),
+    assert [(r["step"], r.get("train/loss")) for r in records(tmp_path)] == [
+        (1, 1.0), (2, 2.0), (3, 3.0), (3, None), (4, 4.5),
     ]  # fmt: skip
     assert tensorboard_purges(tmp_path / "tensorboard") == [4]  # TensorBoard drops steps >= 4
+    # A finished run re-run evaluates its last step again: that eval line goes, not the step's.
+    again = monitor.MetricsWriter(tmp_path)
+    assert again.resume(4) == 0
+    assert again.resume(3, eval_again=True) == 2  # the eval at 3, the train line at 4
+    again.close()
+    assert [r["step"] for r in records(tmp_path)] == [1, 2, 3]
