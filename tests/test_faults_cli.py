@@ -11,7 +11,9 @@ from pathlib import Path
 
 import kill_trials
 import pytest
+from conftest import tiny_config
 
+from jaxlm import train
 from jaxlm.workdir_lock import LOCK_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +35,7 @@ def saved_steps(workdir):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_before_the_first_step_exits_at_once(tmp_path, sig):
+def test_signal_before_the_first_step_exits_at_once(tmp_path, capsys, sig):
     # No compilation cache: the first compile takes seconds, and the signal lands in setup or
     # in that compile (the main thread inside XLA, not in Python).
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
@@ -51,10 +53,10 @@ def test_signal_before_the_first_step_exits_at_once(tmp_path, sig):
     assert "step 1/" not in out and saved_steps(tmp_path) == []
     assert not (tmp_path / "metrics.jsonl").exists()
     if sig == signal.SIGINT:  # what is left does not break the next run (a stale lock)
-        again = launch(tmp_path, "--config.train.steps=2")
-        out = again.communicate(timeout=120)[0]
-        assert again.returncode == 0, out
-        assert "taking over" in out and saved_steps(tmp_path) == [2]
+        c = tiny_config()
+        c.train.steps = 2
+        train.train(c, tmp_path)
+        assert "taking over" in capsys.readouterr().out and saved_steps(tmp_path) == [2]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -136,15 +138,15 @@ def test_bad_command_lines_are_one_line(tmp_path, case, args, status, message):
 
 
 def test_a_second_trainer_on_a_workdir_in_use_is_refused(tmp_path):
-    first = launch(tmp_path, "--config.train.steps=100000")
+    first = subprocess.Popen(["sleep", "60"])  # a live process holding the lock, as a trainer
+    lock = {"pid": first.pid, "host": socket.gethostname(), "token": "x"}
+    lock.update({"started": time.time(), "heartbeat": time.time()})
+    (tmp_path / LOCK_NAME).write_text(json.dumps(lock))
     try:
-        while not (tmp_path / LOCK_NAME).exists():
-            assert first.poll() is None
-            time.sleep(0.05)
         second = run_cli("--config", "experiments/pylm_tiny.py", "--workdir", str(tmp_path))
     finally:
         first.kill()
-        first.communicate()
+        first.wait()
     assert second.returncode == 1
     lines = second.stderr.strip().splitlines()
     assert len(lines) == 1, second.stderr
