@@ -21,6 +21,7 @@ from etils import epath
 LOCK_NAME = "jaxlm.lock"
 HEARTBEAT_S = 30.0
 EXPIRE_S = 300.0
+HALF_WRITTEN_S = 5.0
 
 
 class WorkdirError(RuntimeError):
@@ -73,8 +74,12 @@ class WorkdirLock:
                 f"{held.get('host')}) is no longer running",
                 flush=True,
             )
-        self._write(started=time.time())
-        # Two launches at once: the last write wins, and the other sees a token not its own.
+        if held is None and not self._create_exclusive():
+            return self._take()  # another launch created it just now: judge it like any lock
+        if held is not None:
+            self._write(started=time.time())
+        # Two launches at once (gs:// has no exclusive create): the last write wins, and the
+        # other sees a token not its own.
         if (self._read() or {}).get("token") != self.mine["token"]:
             raise WorkdirError(
                 f"workdir {self.path.parent} was taken by another launch at the same moment; "
@@ -105,7 +110,9 @@ class WorkdirLock:
         except FileNotFoundError:
             return None
         except ValueError:
-            return {}  # half written by a killed run: stale (no host, no heartbeat)
+            # Being written by a launch this instant, or half written by a killed one: stale
+            # once it has stayed so for a few seconds.
+            return {"heartbeat": self.path.stat().mtime - EXPIRE_S + HALF_WRITTEN_S}
 
     def _write(self, started: float) -> None:
         self._started = started
@@ -113,6 +120,21 @@ class WorkdirLock:
         tmp = self.path.parent / f"{LOCK_NAME}.{self.mine['token']}.tmp"
         tmp.write_text(json.dumps(record))
         tmp.replace(self.path)
+
+    def _create_exclusive(self) -> bool:
+        """Create the lock if none exists (atomic on local disks); False if one does."""
+        if str(self.path).startswith("gs://"):
+            self._write(started=time.time())  # no O_EXCL on GCS: the token read-back decides
+            return True
+        self._started = time.time()
+        record = {**self.mine, "started": self._started, "heartbeat": self._started}
+        try:
+            fd = os.open(os.fspath(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(record))
+        return True
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):

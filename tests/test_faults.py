@@ -10,6 +10,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import threading
 import time
 
 import numpy as np
@@ -140,9 +141,32 @@ def test_a_stale_lock_does_not_block(tmp_path, capsys, held):
         held_lock(tmp_path, host="other-host", heartbeat=time.time() - 3600)
     else:
         (tmp_path / LOCK_NAME).write_text('{"pid": 12')
+        with pytest.raises(WorkdirError, match="is in use"):  # maybe being written right now
+            WorkdirLock(tmp_path).__enter__()
+        os.utime(tmp_path / LOCK_NAME, (time.time() - 60, time.time() - 60))
     with WorkdirLock(tmp_path) as lock:
         assert json.loads((tmp_path / LOCK_NAME).read_text())["token"] == lock.mine["token"]
     assert "taking over" in capsys.readouterr().out
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_launches_at_the_same_moment_take_the_lock_once(tmp_path):
+    barrier, won, refused = threading.Barrier(8), [], []
+
+    def launch():
+        barrier.wait()
+        try:
+            won.append(WorkdirLock(tmp_path).__enter__())
+        except WorkdirError:
+            refused.append(1)
+
+    threads = [threading.Thread(target=launch) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert (len(won), len(refused)) == (1, 7)
+    won[0].__exit__(None, None, None)
     assert not (tmp_path / LOCK_NAME).exists()
 
 
