@@ -116,6 +116,8 @@ def phase(lines: list[str], saving: bool) -> str:
     step = int(steps[-1].split()[1].split("/")[0])
     if last.startswith("step ") and (step % EVAL_EVERY == 0 or step == STEPS):
         return f"the eval at step {step}"
+    if step == STEPS:
+        return "the final save"
     return f"training after step {step}"
 
 

@@ -12,6 +12,7 @@ import struct
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -274,3 +275,15 @@ def test_resume_drops_metrics_past_the_checkpoint(tmp_path):
     assert again.resume(3, eval_again=True) == 2  # the eval at 3, the train line at 4
     again.close()
     assert [r["step"] for r in records(tmp_path)] == [1, 2, 3]
+
+
+def test_every_row_of_the_readme_fault_table_names_a_test():
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text().split("## What happens when...")[1].split("\n## ")[0]
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "::" in line]
+    assert len(rows) >= 30
+    for row in rows:
+        path, name = row.rsplit("| `", 1)[1].split("`")[0].split("::")
+        name = name.split("[")[0]
+        assert f"def {name}(" in (root / path).read_text(), row
+        assert "traceback" not in row.lower(), row
