@@ -3,12 +3,12 @@
     python tests/kill_trials.py --trials 20 [--seed 0] [--root DIR]
 
 A tiny run (experiments/pylm_tiny.py shrunk to synthetic data, 8 fake CPU devices) is trained
-twice without interruption (the second, warm run times the kill moments). Each trial starts the
-same `jaxlm-train` command, sends it SIGKILL after a delay drawn (seeded) over that run's
-duration, re-runs the command to the end and checks: the final training and eval losses equal
-the uninterrupted run's (to 1e-5), and metrics.jsonl holds each step once. Each line says what
-the kill interrupted (startup or the first compile, a training step, an async save, an eval).
-Exit status 1 when a trial fails.
+twice without interruption (the second, warm run times its startup). Each trial starts the same
+`jaxlm-train` command, sends it SIGKILL at a seeded random moment (before the first step, or
+shortly after a random step's line), re-runs the command to the end and checks: the final
+training and eval losses equal the uninterrupted run's (to 1e-5), and metrics.jsonl holds each
+step once. Each line says what the kill interrupted (startup or the first compile, a training
+step, an async save, an eval). Exit status 1 when a trial fails.
 """
 
 from __future__ import annotations
@@ -88,12 +88,24 @@ def results(workdir: Path) -> dict:
     }
 
 
-def kill_after(workdir: Path, delay: float) -> str:
-    """Start a run, SIGKILL it after `delay` seconds; what it was doing then."""
+def kill_after(workdir: Path, after_step: int, delay: float) -> str:
+    """Start a run, SIGKILL it `delay` seconds after its line for `after_step` (after its start
+    for 0): the moment follows the run's own progress, whatever the machine's load."""
     proc = start(workdir)
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    seen = threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(f"step {after_step}/"):
+                seen.set()
+        seen.set()  # the run ended
+
+    reader = threading.Thread(target=read, daemon=True)
     reader.start()
+    if after_step > 0:
+        seen.wait()
     try:
         proc.wait(timeout=delay)
         reader.join()
@@ -122,17 +134,18 @@ def phase(lines: list[str], saving: bool) -> str:
     return f"training after step {step}"
 
 
-def moment(rng: random.Random, first: float, total: float) -> float:
-    """A kill time: a quarter of the draws before the first step (startup, compile), the rest
-    over the steps, saves and evals, which take a small part of a tiny run's wall time."""
-    if rng.random() < 0.25:
-        return rng.uniform(0.0, first)
-    return rng.uniform(max(first - 0.5, 0.0), total)
+def moment(rng: random.Random, first: float) -> tuple[int, float]:
+    """(step, seconds after its line): a fifth of the draws before the first step (startup, the
+    first compile, `first` seconds in a warm run), the rest up to 0.4 s after a random step's
+    line, which lands in that step's eval or save, or in the next steps."""
+    if rng.random() < 0.2:
+        return 0, rng.uniform(0.0, first)
+    return rng.randint(1, STEPS), rng.uniform(0.0, 0.4)
 
 
-def trial(root: Path, reference: dict, delay: float) -> dict:
-    workdir = root / f"trial-{delay:.3f}"
-    what = kill_after(workdir, delay)
+def trial(root: Path, reference: dict, after_step: int, delay: float) -> dict:
+    workdir = root / f"trial-{after_step}-{delay:.3f}"
+    what = kill_after(workdir, after_step, delay)
     run_to_end(workdir)
     got = results(workdir)
     diff = max(
@@ -140,7 +153,7 @@ def trial(root: Path, reference: dict, delay: float) -> dict:
         abs(got["eval_loss"] - reference["eval_loss"]),
     )
     ok = diff <= 1e-5 * abs(reference["train_loss"]) and got["lines"] == reference["lines"]
-    return {"delay": delay, "killed during": what, "max loss diff": diff, "ok": ok}
+    return {"killed during": what, "max loss diff": diff, "ok": ok}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,19 +166,20 @@ def main(argv: list[str] | None = None) -> int:
     run_to_end(root / "uninterrupted")
     reference = results(root / "uninterrupted")
     # Kill times come from a second, warm run (compiled programs cached), as the trials are.
-    first, total = run_to_end(root / "uninterrupted-warm")
+    first, _ = run_to_end(root / "uninterrupted-warm")
     if results(root / "uninterrupted-warm") != reference:
         print("two uninterrupted runs differ: the run is not deterministic here")
         return 1
     rng = random.Random(args.seed)
     failed = 0
     for i in range(args.trials):
-        r = trial(root, reference, delay=moment(rng, first, total))
+        after_step, delay = moment(rng, first)
+        r = trial(root, reference, after_step, delay)
         failed += not r["ok"]
+        when = f"{delay:.2f}s after " + (f"step {after_step}" if after_step else "the start")
         print(
-            f"trial {i + 1}/{args.trials}: kill -9 at {r['delay']:.2f}s "
-            f"({r['killed during']}): max loss diff {r['max loss diff']:.2e}, "
-            f"{'OK' if r['ok'] else 'FAILED'}",
+            f"trial {i + 1}/{args.trials}: kill -9 {when} ({r['killed during']}): "
+            f"max loss diff {r['max loss diff']:.2e}, {'OK' if r['ok'] else 'FAILED'}",
             flush=True,
         )
     print(f"{args.trials - failed}/{args.trials} resumed runs equal the uninterrupted one ({root})")
