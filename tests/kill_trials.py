@@ -135,9 +135,9 @@ def phase(lines: list[str], saving: bool) -> str:
 
 
 def moment(rng: random.Random, first: float) -> tuple[int, float]:
-    """(step, seconds after its line): a fifth of the draws before the first step (startup, the
-    first compile: `first` seconds in the uninterrupted run), the rest up to 0.4 s after a random step's
-    line, which lands in that step's eval or save, or in the next steps."""
+    """(step, seconds after its line): a fifth of the draws before the first step (startup and
+    the first compile, `first` seconds in the uninterrupted run), the rest up to 0.4 s after a
+    random step's line, which lands in that step's eval or save, or in the next steps."""
     if rng.random() < 0.2:
         return 0, rng.uniform(0.0, first)
     return rng.randint(1, STEPS), rng.uniform(0.0, 0.4)
