@@ -120,12 +120,15 @@ def kill_after(workdir: Path, after_step: int, delay: float) -> str:
 
 
 def phase(lines: list[str], saving: bool) -> str:
-    if saving:
-        return "an async save"
+    """What the run was doing, from its last lines (as read, which may lag a little)."""
+    return _last_step_phase(lines) + (", a checkpoint save in flight" if saving else "")
+
+
+def _last_step_phase(lines: list[str]) -> str:
     steps = [x for x in lines if x.startswith("step ")]
     if not steps:
         return "startup or the first compile"
-    last = lines[-1] if lines else ""
+    last = lines[-1]
     step = int(steps[-1].split()[1].split("/")[0])
     if last.startswith("step ") and (step % EVAL_EVERY == 0 or step == STEPS):
         return f"the eval at step {step}"
