@@ -5,19 +5,28 @@ A checkpoint holds three items: `params`, `train_state` (optimizer state and ste
 them alone, straight into their sharded layout, without reading the optimizer state. Restores
 are checked against the expected shapes first, so a checkpoint from another model gives an error
 naming the parameters instead of a crash; nothing on disk is modified by a failed restore.
+
+Damage: once a save has finished, jaxlm writes STEP/jaxlm_manifest.json (every file and its
+size). `latest_complete_step` checks the newest steps against it before a run resumes: a
+truncated or missing file names the step and file, and the run resumes from the newest complete
+step (the damaged ones are moved aside to STEP.damaged) or is refused when there is none.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jaxlm import storage
+from jaxlm import monitor, storage
 from jaxlm.sharding import path_name
+
+MANIFEST = "jaxlm_manifest.json"
+_TMP_MARK = ".orbax-checkpoint-tmp"
 
 
 class CheckpointError(RuntimeError):
@@ -30,6 +39,7 @@ class Checkpointer:
         self.directory = epath.Path(directory)
         if not storage.is_remote(str(directory)):
             self.directory = epath.Path(Path(directory).absolute())
+        self._pending: int | None = None  # a save started but not known to be finished
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save
         )
@@ -53,20 +63,82 @@ class Checkpointer:
         """Start an async save of `state` at `step`; False when that step is already saved."""
         if step in self.manager.all_steps():
             return False
+        self.wait()  # Orbax waits for the previous save anyway; this also writes its manifest
         rest = {k: v for k, v in state.items() if k != "params"}
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(state["params"]),
             train_state=ocp.args.StandardSave(rest),
             meta=ocp.args.JsonSave(meta),
         )
-        return self.manager.save(step, args=args, force=True)
+        try:
+            started = self.manager.save(step, args=args, force=True)
+        except Exception as e:  # noqa: BLE001 - disk full, permissions, quota: any backend
+            raise self._save_error(step, e) from None
+        self._pending = step if started else None
+        return started
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Wait for the save in flight, then record its files (see latest_complete_step)."""
+        step, self._pending = self._pending, None
+        try:
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+            if step is not None and jax.process_index() == 0:
+                write_manifest(self.directory / str(step))
+        except Exception as e:  # noqa: BLE001 - an async save's error surfaces here
+            raise self._save_error(step, e) from None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+
+    def _save_error(self, step: int | None, e: Exception) -> CheckpointError:
+        kept = [s for s in self.manager.all_steps() if s != step]
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        return CheckpointError(
+            f"saving checkpoint step {step} in {self.directory} failed: {first}; the last "
+            f"complete checkpoint (step {max(kept) if kept else 'none'}) is kept: free space or "
+            "fix permissions, then re-run the same command to resume"
+        )
+
+    def latest_complete_step(self) -> int | None:
+        """The newest step whose files match its manifest, for the trainer holding the workdir
+        lock; newer damaged steps are named and moved aside (STEP.damaged), unfinished saves
+        removed. Refuses when every step is damaged: never a silent restart from step 0 over
+        existing checkpoints."""
+        if jax.process_index() == 0:  # here, not in __init__: jaxlm-eval may run beside a save
+            _remove_unfinished_saves(self.directory)
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        damaged = []
+        for step in steps:
+            problem = find_damage(self.directory / str(step))
+            if problem is None:
+                break
+            damaged.append((step, problem))
+        else:
+            if damaged:
+                listed = ", ".join(f"step {n}: {problem}" for n, problem in damaged[:3])
+                raise CheckpointError(
+                    f"no complete checkpoint in {self.directory} ({listed}): put the files back "
+                    f"from a copy, or move {self.directory} aside to start again from step 0"
+                )
+            return None
+        if damaged:
+            _sync("jaxlm_damaged_checkpoints_checked")  # all hosts decide before one moves them
+        for bad, problem in damaged:
+            target = _aside(self.directory, bad)
+            monitor.console(
+                f"checkpoint step {bad} in {self.directory} is damaged ({problem}): moved to "
+                f"{target.name}; resuming from step {step}, the newest complete checkpoint"
+            )
+            if jax.process_index() == 0:
+                (self.directory / str(bad)).rename(target)
+        if damaged:
+            _sync("jaxlm_damaged_checkpoints_moved")
+            self.manager.reload()
+        return step
 
     def read_meta(self, step: int) -> dict:
         path = self.directory / str(step) / "meta" / "metadata"
@@ -145,6 +217,82 @@ def open_step(directory: str, step: int | None, workdir: str | Path) -> tuple[Ch
             f"no checkpoint for step {step} in {directory}; available steps: {sorted(steps)}"
         )
     return ckpt, step
+
+
+def write_manifest(step_dir: epath.Path) -> None:
+    """STEP/jaxlm_manifest.json: every file of a finished save and its size."""
+    files = {
+        str(p.relative_to(step_dir)): p.stat().length
+        for p in _files(step_dir)
+        if p.name != MANIFEST
+    }
+    text = json.dumps({"files": files, "written": time.time()}, sort_keys=True)
+    tmp = step_dir / (MANIFEST + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(step_dir / MANIFEST)  # atomic: a kill never leaves half a manifest
+
+
+def _files(directory: epath.Path):
+    """Every file below `directory` (epath has no recursive glob on gs://)."""
+    for p in directory.iterdir():
+        if p.is_dir():
+            yield from _files(p)
+        else:
+            yield p
+
+
+def find_damage(step_dir: epath.Path) -> str | None:
+    """What is wrong with a saved step ("FILE is missing", "FILE has N bytes of M"), or None.
+
+    Steps without a manifest (written by an older jaxlm, or killed between the save and its
+    manifest) are checked only for their items."""
+    for item in ("params", "train_state", "meta"):
+        if not (step_dir / item).is_dir():
+            return f"{item}/ is missing"
+    try:
+        files = json.loads((step_dir / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return None
+    for name, size in sorted(files.items()):
+        path = step_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        actual = path.stat().length
+        if actual != size:
+            return f"{name} has {actual} bytes of {size}"
+    return None
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _aside(directory: epath.Path, step: int) -> epath.Path:
+    """STEP.damaged (STEP.damaged.N when an earlier one is there): Orbax ignores such names."""
+    target, n = directory / f"{step}.damaged", 1
+    while target.exists():
+        target, n = directory / f"{step}.damaged.{n}", n + 1
+    return target
+
+
+def _remove_unfinished_saves(directory: epath.Path) -> None:
+    """A save interrupted by a kill leaves STEP.orbax-checkpoint-tmp-*: say so in one line (Orbax
+    would remove it with its own warning)."""
+    if not directory.is_dir():
+        return
+    for p in sorted(directory.iterdir()):
+        if _TMP_MARK in p.name:
+            monitor.console(
+                f"removing {p}: an unfinished save of step {p.name.split('.')[0]} (the run "
+                "was stopped while saving); resuming from the newest complete checkpoint"
+            )
+            try:
+                p.rmtree()
+            except OSError:
+                pass  # still being written by a dying save in this process: Orbax retries
 
 
 def _flat_shapes(tree) -> dict[str, tuple]:

@@ -184,15 +184,43 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         config = base_config()
         _merge_saved(config, json.loads(path.read_text()), str(path))
     else:
-        spec = importlib.util.spec_from_file_location(f"jaxlm_experiment_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        if not hasattr(module, "get_config"):
-            raise ConfigError(f"{path} has no get_config(); an experiment file must define one")
-        config = module.get_config()
+        config = _run_experiment(path)
     apply_overrides(config, overrides)
     validate(config)
     return config
+
+
+def _run_experiment(path: Path) -> Any:
+    """get_config() of an experiment file; its mistakes as one line naming the file and line."""
+    spec = importlib.util.spec_from_file_location(f"jaxlm_experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"{path} has no get_config(); an experiment file must define one")
+        return module.get_config()
+    except SyntaxError as e:
+        raise ConfigError(
+            f"{path}:{e.lineno}: syntax error ({e.msg}): fix the experiment file"
+        ) from None
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any mistake in the user's Python file
+        line = _line_in(e, path)
+        raise ConfigError(
+            f"{path}{line}: {type(e).__name__}: {e} (raised while running the experiment "
+            "file): fix the experiment file"
+        ) from None
+
+
+def _line_in(e: BaseException, path: Path) -> str:
+    """':N' for the deepest traceback frame inside `path`, or ''."""
+    tb, line = e.__traceback__, ""
+    while tb is not None:
+        if Path(tb.tb_frame.f_code.co_filename).resolve() == path.resolve():
+            line = f":{tb.tb_lineno}"
+        tb = tb.tb_next
+    return line
 
 
 def load_run_config(workdir: str | Path, overrides=()) -> Any:

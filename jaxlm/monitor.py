@@ -7,13 +7,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
 import jax
 
 
+class WriteError(RuntimeError):
+    """A metrics write failed (disk full, permission denied, quota); names the path and the fix."""
+
+
 class MetricsWriter:
+    """Appends records; `resume(step)` first drops what a killed run logged past its checkpoint."""
+
     def __init__(
         self,
         workdir: str | Path,
@@ -22,26 +29,101 @@ class MetricsWriter:
     ):
         self.enabled = jax.process_index() == 0
         self.path = Path(workdir) / jsonl_name
+        self._tb_dir = Path(workdir) / tensorboard_dir
         self._tb = None
-        if self.enabled:
-            from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
 
-            self._tb = SummaryWriter(str(Path(workdir) / tensorboard_dir))
+    def resume(self, step: int, eval_again: bool = False) -> int:
+        """Keep only whole lines of steps <= `step` (the checkpoint the run resumes from), so each
+        step is logged once, and not the eval at `step` if `eval_again` (a finished run re-run
+        evaluates its last step again); returns how many lines were dropped. TensorBoard is
+        told to purge the events past `step` the same way."""
+        if not self.enabled:
+            return 0
+        self._open_tensorboard(purge_step=step + 1 if step > 0 else None)
+        if not self.path.is_file():
+            return 0
+        lines = self.path.read_bytes().split(b"\n")
+        kept = [x for x in lines[:-1] if _keep(_parse(x), step, eval_again)]
+        dropped = len(lines) - 1 - len(kept) + (1 if lines[-1] else 0)
+        if dropped:
+            # Written aside and renamed: a kill or a full disk here leaves the old file whole.
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            try:
+                tmp.write_bytes(b"".join(x + b"\n" for x in kept))
+                os.replace(tmp, self.path)
+            except OSError as e:
+                tmp.unlink(missing_ok=True)
+                raise _write_error(self.path, e) from None
+            console(
+                f"{self.path}: dropped {dropped} lines past step {step}, logged by the "
+                "interrupted run"
+            )
+        return dropped
 
     def write(self, step: int, record: dict) -> None:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: _plain(v) for k, v in record.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                self._tb.add_scalar(key, value, step)
-        self._tb.flush()
+        line = (json.dumps(record) + "\n").encode()
+        try:
+            with self.path.open("ab") as f:
+                size = f.tell()
+                try:
+                    f.write(line)
+                    f.flush()
+                except OSError:
+                    f.truncate(size)  # no half line: readers and resume see whole records
+                    raise
+        except OSError as e:
+            raise _write_error(self.path, e) from None
+        tb = self._open_tensorboard()
+        try:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    tb.add_scalar(key, value, step)
+            tb.flush()
+        except OSError as e:
+            raise _write_error(self._tb_dir, e) from None
+
+    def _open_tensorboard(self, purge_step: int | None = None):
+        if self._tb is None:
+            from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
+
+            try:
+                self._tb = SummaryWriter(str(self._tb_dir), purge_step=purge_step)
+            except OSError as e:
+                raise _write_error(self._tb_dir, e) from None
+        return self._tb
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _parse(line: bytes) -> dict | None:
+    """One JSONL record, or None for a damaged line."""
+    try:
+        record = json.loads(line)
+        int(record["step"])
+        return record
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _keep(record: dict | None, step: int, eval_again: bool) -> bool:
+    if record is None or int(record["step"]) > step:
+        return False
+    is_eval = any(k.startswith("eval/") for k in record)
+    return not (eval_again and is_eval and int(record["step"]) == step)
+
+
+def _write_error(path: Path, e: OSError) -> WriteError:
+    reason = e.strerror or str(e)
+    return WriteError(
+        f"could not write {path}: {reason} (errno {e.errno}); the run stopped and its last "
+        "complete checkpoint is kept: free space or fix permissions, then re-run the same "
+        "command to resume"
+    )
 
 
 def _plain(value):

@@ -7,6 +7,7 @@ where the checkpoint left it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -27,8 +28,9 @@ from jaxlm.data.source import build_source
 from jaxlm.data.types import DataSource
 from jaxlm.models.transformer import TransformerConfig
 from jaxlm.optim import make_optimizer
-from jaxlm.preemption import StopSignal
+from jaxlm.preemption import Interrupted, StopSignal
 from jaxlm.state import ModelState, init_params
+from jaxlm.workdir_lock import WorkdirLock
 
 
 class TrainingError(RuntimeError):
@@ -291,19 +293,24 @@ def save_config(config, workdir: Path) -> None:
 def train(config, workdir: str | Path, devices=None) -> dict:
     """Train (or resume) the configured model in `workdir`; returns the final metrics."""
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    s = setup(config, workdir, devices)
-    ckpt = Checkpointer(
-        config_lib.checkpoint_dir(config, workdir), keep=config.train.keep_checkpoints
-    )
-    try:
-        return _Loop(s, ckpt, workdir).run()
-    finally:
+    # The lock first (one trainer per workdir, refused before any work), and the signal
+    # handlers for the whole run: a Ctrl-C during setup or the first compile exits at once.
+    with WorkdirLock(workdir, enabled=jax.process_index() == 0), StopSignal() as stop:
+        s = setup(config, workdir, devices)
+        directory = config_lib.checkpoint_dir(config, workdir)
+        ckpt = Checkpointer(directory, keep=config.train.keep_checkpoints)
+        try:
+            result = _Loop(s, ckpt, workdir, stop).run()
+        except BaseException:
+            with contextlib.suppress(Exception):  # the first error is the one to report
+                ckpt.close()
+            raise
         ckpt.close()
+        return result
 
 
 def restore_or_init(s: Setup, ckpt: Checkpointer) -> dict:
-    latest = ckpt.latest_step()
+    latest = ckpt.latest_complete_step()
     if latest is None:
         state = create_state(s)
         if s.config.train.init_from:  # a fresh run only: resuming takes its own checkpoint
@@ -322,8 +329,9 @@ def restore_or_init(s: Setup, ckpt: Checkpointer) -> dict:
 class _Loop:
     """The hot loop: dispatch ahead, read metrics one step late, save and evaluate on schedule."""
 
-    def __init__(self, s: Setup, ckpt: Checkpointer, workdir: Path):
+    def __init__(self, s: Setup, ckpt: Checkpointer, workdir: Path, stop: StopSignal):
         self.s, self.ckpt, self.cfg, self.workdir = s, ckpt, s.config.train, workdir
+        self.stop = stop
         self.writer = monitor.MetricsWriter(workdir)
         row = config_lib.row_len(s.config)
         self.tokens_per_step = s.config.data.batch_size * row
@@ -347,21 +355,22 @@ class _Loop:
                     text = json.dumps(s.data.description, indent=2) + "\n"
                     (self.workdir / "data.json").write_text(text)
             start = int(jax.device_get(state["step"]))
+            self.writer.resume(start, eval_again=start >= cfg.steps)  # each step logged once
             if s.data.baselines:
                 monitor.console(
                     "compressors on the validation text: "
                     + ", ".join(f"{k} {v:.4f} bits/byte" for k, v in s.data.baselines.items())
                 )
-            with StopSignal() as stop:
-                state, step = self._steps(state, start, stop)
-            if step < cfg.steps:  # a signal, or train.stop_at
+            stop = self.stop
+            state, step = self._steps(state, start, stop)
+            final = self._evaluate(step, state["params"]) if step >= cfg.steps else None
+            if final is None:  # a signal (also during the final eval), or train.stop_at
                 self._save(step, state)
                 self.ckpt.wait()
                 why = f"received signal {stop.received}" if stop.received else "train.stop_at"
                 again = "the same command" if stop.received else "without train.stop_at"
                 monitor.console(f"{why}: saved checkpoint at step {step}; run {again} to resume")
                 return {"step": step, "stopped": True}
-            final = self._evaluate(step, state["params"])
             self._save(step, state)
         self.writer.close()
         return self._summary(step, final)
@@ -377,6 +386,7 @@ class _Loop:
         try:
             while step < end and not stop.should_stop(step):
                 state, metrics = self.train_step(state, prefetch.next())
+                stop.started()  # compiled and dispatched: a signal now saves this step
                 step += 1
                 if pending is not None:
                     self._finish(*pending)  # the previous step's metrics, read one step late
@@ -429,18 +439,29 @@ class _Loop:
         self.writer.write(step, record)
         self.clock = (now, step)
 
-    def _evaluate(self, step: int, params) -> dict:
-        metrics = run_eval(self.s, self.eval_step, params, label=f"eval at step {step}")
-        if self.cfg.eval_decode > 0:
-            from jaxlm import seq2seq_eval  # sacrebleu is imported only by runs that decode
-
-            gen = seq2seq_eval.evaluate_generation(
-                self.s, params, num_examples=self.cfg.eval_decode, num_batches=self.cfg.eval_steps
-            )
-            metrics.update({k: gen[k] for k in ("bleu", "chrf", "exact_match", "decoded_examples")})
+    def _evaluate(self, step: int, params) -> dict | None:
+        """The eval metrics, or None when a stop signal came first (the eval is abandoned)."""
+        if self.stop.received is not None:
+            return None
+        try:
+            with self.stop.interruptible():
+                metrics = run_eval(self.s, self.eval_step, params, label=f"eval at step {step}")
+                if self.cfg.eval_decode > 0:
+                    metrics.update(self._decode_metrics(params))
+        except Interrupted as e:
+            monitor.console(f"received signal {e.args[0]}: evaluation at step {step} abandoned")
+            return None
         monitor.console(monitor.eval_line(step, metrics))
         self.writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
         return metrics
+
+    def _decode_metrics(self, params) -> dict:
+        from jaxlm import seq2seq_eval  # sacrebleu is imported only by runs that decode
+
+        gen = seq2seq_eval.evaluate_generation(
+            self.s, params, num_examples=self.cfg.eval_decode, num_batches=self.cfg.eval_steps
+        )
+        return {k: gen[k] for k in ("bleu", "chrf", "exact_match", "decoded_examples")}
 
     def _save(self, step: int, state) -> None:
         self.ckpt.save(step, state, {**self.s.state_meta(), "step": step})

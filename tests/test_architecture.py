@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFERRED = {
     # Command-line programs parse flags (and answer --help) before importing JAX and the library.
     **{(f"jaxlm/cli/{f.stem}.py", "*"): "start-up" for f in (ROOT / "jaxlm/cli").glob("*.py")},
-    ("jaxlm/train.py", "_evaluate"): "sacrebleu, only for runs that decode",
+    ("jaxlm/train.py", "_decode_metrics"): "sacrebleu, only for runs that decode",
     ("jaxlm/data/readers.py", "tfds_builder"): "TensorFlow Datasets builder classes",
 }
 

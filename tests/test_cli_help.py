@@ -37,4 +37,4 @@ def test_a_flag_value_that_looks_like_help_is_a_value(tmp_path):
         pytest.skip(f"{script} is not installed (make install)")
     args = [str(script), "--workdir", str(tmp_path / "none"), "--prompt", "-h"]
     out = subprocess.run(args, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 1 and "is not a jaxlm run directory" in out.stderr, out.stderr
+    assert out.returncode == 2 and "is not a jaxlm run directory" in out.stderr, out.stderr

@@ -354,7 +354,7 @@ def test_cli_prepare_inspect_bench(tmp_path, tok) -> None:
         "inspect", "--config.task.objective=seq2seq", "--config.model.family=encoder_decoder",
         "--config.data.input_key=text", "--config.data.target_key=text",
     )  # fmt: skip
-    assert examples.returncode == 1
+    assert examples.returncode == 2  # a usage error
     last = examples.stderr.strip().splitlines()[-1]
     assert last.startswith("jaxlm-data: error: jaxlm-data inspect reads documents"), last
     assert "`jaxlm-data prepare` builds their cache" in last

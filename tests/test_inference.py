@@ -208,7 +208,7 @@ def test_cli_eval_and_generate(run_dir, tmp_path):
 
     r = cli("jaxlm.cli.generate", "--workdir", str(run_dir), "--prompt", "import ",
             "--temperature=-0.5")  # fmt: skip
-    assert r.returncode == 1
+    assert r.returncode == 2  # a usage error
     assert r.stderr.strip().splitlines() == [
         "jaxlm-generate: error: temperature must be >= 0 (0 is greedy), got -0.5; "
         "pass --temperature 0 or a positive value"

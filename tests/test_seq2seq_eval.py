@@ -133,7 +133,7 @@ def test_bad_settings_are_one_line_value_errors(tmp_path):
     with pytest.raises(ValueError, match="--max_decode_examples must be >= 0"):
         inference.evaluate_run(tmp_path, max_decode_examples=-1)
     proc = eval_cli("--workdir", str(tmp_path), "--beam_size", "0")
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # a usage error
     assert proc.stderr.strip().splitlines()[-1] == (
         "jaxlm-eval: error: --beam_size must be >= 1 (1 is greedy), got 0"
     )

@@ -6,12 +6,16 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from absl import flags
 
-# Errors that mean "the user asked for something wrong": one line, exit status 1, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, RuntimeError)
+# Errors that mean "the user asked for something wrong": one line, no traceback. Exit status 2
+# (as absl and argparse) for usage errors: a flag, config key or value, a mesh that does not fit
+# the devices; 1 when the run cannot proceed: data, checkpoint, workdir, disk, a NaN loss.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, RuntimeError)
+USAGE, FAILED = 2, 1
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -37,7 +41,13 @@ def make_flags_parser(store: list[str], module: str):
     def parse(argv: list[str]) -> list[str]:
         rest, overrides = split_overrides(argv)
         store.extend(overrides)
-        return flags.FLAGS(rest)
+        try:
+            return flags.FLAGS(rest)
+        except flags.Error as e:  # an unknown flag or a bad value: one line, not a traceback
+            spec = getattr(sys.modules.get(module), "__spec__", None)  # python -m: __main__
+            program = "jaxlm-" + (spec.name if spec else module).rsplit(".", 1)[-1]
+            print(f"{program}: error: {e}; see {program} --help", file=sys.stderr, flush=True)
+            sys.exit(USAGE)
 
     return parse
 
@@ -58,7 +68,27 @@ def _lend_help(module: str) -> None:
 def fail(program: str, error: BaseException) -> None:
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     print(f"{program}: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(1)
+    sys.exit(exit_status(error))
+
+
+def exit_status(error: BaseException) -> int:
+    """2 for a usage error (a ValueError that is not about the data), else 1."""
+    # By name: DataError's module moves with the data layer, and importing it here would load
+    # the data stack for every --help.
+    about_data = any(c.__name__ == "DataError" for c in type(error).__mro__)
+    if isinstance(error, ValueError) and not about_data:
+        return USAGE
+    return FAILED
+
+
+def quiet_orbax_errors() -> None:
+    """Drop Orbax's ERROR records (with their tracebacks): jaxlm reports every checkpoint
+    failure itself, in one line naming the step, the path and the fix."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR or "orbax" not in record.pathname
+
+    logging.getLogger("absl").addFilter(keep)
 
 
 def define_distributed_flags() -> None:

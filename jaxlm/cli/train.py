@@ -21,6 +21,7 @@ _OVERRIDES: list[str] = []
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
+    common.quiet_orbax_errors()
     from jaxlm import config as config_lib
     from jaxlm import train
 
