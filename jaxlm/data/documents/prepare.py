@@ -108,13 +108,15 @@ def prepare_source(
         "tokenizer_sha256": tok.sha256,
         "vocab_size": tok.vocab_size,
         "eos_id": tok.eos_id,
+        # Only a Hugging Face tokenizer is named: SentencePiece manifests stay as they were.
+        **({} if tok.filename == cache_format.TOKENIZER else {"tokenizer_file": tok.filename}),
         "splits": {},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     # A rebuild in place first drops the old manifest: a crash midway then leaves a directory
     # that reads as unprepared, never an old manifest over a mix of old and new shards.
     storage.remove(storage.join(out_dir, cache_format.MANIFEST))
-    storage.write_bytes(storage.join(out_dir, cache_format.TOKENIZER), tok.path.read_bytes())
+    storage.write_bytes(storage.join(out_dir, tok.filename), tok.to_bytes())
     for split in splits:
         docs, cleaner = cleaned(spec, split, opts, clean_cfg)
         writer = cache_format.ShardWriter(out_dir, split, tok.vocab_size, tok.eos_id, shard_tokens)
