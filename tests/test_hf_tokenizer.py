@@ -242,3 +242,47 @@ def test_lm_trains_evaluates_and_generates_with_a_gpt2_tokenizer(gpt2_dir, tmp_p
     c.train.steps = 3
     with pytest.raises(DataError, match="is not data.tokenizer"):
         train.train(c, run)
+
+
+def test_jaxlm_data_prepares_with_a_bert_tokenizer_and_mlm_trains_on_it(bert_dir, tmp_path):
+    """`jaxlm-data prepare` keeps the Hugging Face tokenizer as tokenizer.json beside the
+    shards; a run on the prepared cache finds it there and masks with its [MASK]."""
+    import os
+    import subprocess
+    import sys
+
+    from jaxlm import train
+    from jaxlm.data import cache_format
+
+    (tmp_path / "text.txt").write_text("\n".join(varied_strings(300, seed=3)))
+    experiment = tmp_path / "exp.py"
+    experiment.write_text(
+        "from jaxlm.config import base_config\n"
+        "def get_config():\n"
+        "    c = base_config()\n"
+        f"    c.data.source = 'file:{tmp_path}/text.txt'\n"
+        f"    c.data.tokenizer = {str(bert_dir / 'files' / 'vocab.txt')!r}\n"
+        "    return c\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), JAX_PLATFORMS="cpu")
+    prepared = tmp_path / "prepared"
+    cmd = [sys.executable, "-m", "jaxlm.cli.data", "prepare", "--config", str(experiment)]
+    out = subprocess.run(
+        [*cmd, "--out", str(prepared)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    tok = tokenizer.load(bert_dir / "files" / "vocab.txt")
+    manifest = cache_format.read_manifest(str(prepared))
+    assert manifest["tokenizer_file"] == "tokenizer.json"
+    assert manifest["tokenizer_sha256"] == tok.sha256 and manifest["eos_id"] == tok.sep_id
+    assert (prepared / "tokenizer.json").read_bytes() == tok.to_bytes()
+    assert not (prepared / "tokenizer.model").exists()
+
+    c = tiny_config(source=f"prepared:{prepared}", objective="mlm")
+    c.model.vocab_size = 0
+    c.train.steps = 2
+    c.train.eval_steps = 2
+    result = train.train(c, tmp_path / "run")
+    assert (tmp_path / "run" / "tokenizer.json").read_bytes() == tok.to_bytes()
+    assert np.isfinite(result["eval/loss"]) and result["eval/loss"] > 0

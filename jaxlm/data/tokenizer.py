@@ -15,6 +15,7 @@ import numpy as np
 import sentencepiece as spm
 
 from jaxlm import storage
+from jaxlm.data import hf_tokenizer
 from jaxlm.data.types import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 # Training sentences are multi-line chunks of at most this many characters, so BPE sees real
@@ -77,8 +78,6 @@ def load(path: str | os.PathLike[str]) -> TokenizerAPI:
         if (p / RUN_FILES[0]).is_file():
             return Tokenizer(p / RUN_FILES[0])
     if p.is_dir() or p.suffix in (".json", ".txt"):
-        from jaxlm.data import hf_tokenizer  # `tokenizers` is only imported when used
-
         return hf_tokenizer.HFTokenizer(p)
     return Tokenizer(p)
 
