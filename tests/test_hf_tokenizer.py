@@ -211,7 +211,7 @@ def test_loader_picks_the_implementation(gpt2_dir, tmp_path):
 
 
 def test_lm_trains_evaluates_and_generates_with_a_gpt2_tokenizer(gpt2_dir, tmp_path):
-    from jaxlm import train
+    from jaxlm import inference, train
     from jaxlm.data.types import DataError
     from jaxlm.inference import LanguageModel
 
@@ -230,10 +230,22 @@ def test_lm_trains_evaluates_and_generates_with_a_gpt2_tokenizer(gpt2_dir, tmp_p
     assert np.isfinite(out["eval/bits_per_byte"]) and out["eval/bits_per_byte"] > 0
     ratio = out["eval/bits_per_byte"] / out["eval/loss"]
     np.testing.assert_allclose(ratio, out["eval/tokens"] / out["eval/bytes"] / np.log(2), rtol=1e-6)
+    # jaxlm-eval reproduces the loop's numbers with the run's tokenizer.json.
+    again = inference.evaluate_run(run, max_batches=2)
+    np.testing.assert_allclose(again["bits_per_byte"], out["eval/bits_per_byte"], rtol=1e-5)
     lm = LanguageModel.load(run)
     assert isinstance(lm.tokenizer, HFTokenizer) and lm.tokenizer.sha256 == tok.sha256
+    prompt = lm.prompt_ids("def f(x):")
+    [ids] = lm.generate_ids([prompt], lm.sampling_settings(max_new_tokens=3, temperature=0.0))
+    assert lm.sampling_settings().pad_id == tok.eos_id  # GPT-2 has no pad piece
     [text] = lm.generate(["def f(x):"], max_new_tokens=3, temperature=0.0)
-    assert isinstance(text, str)
+    assert text == lm.continuation(prompt, [t for t in ids if t != tok.eos_id])
+    # Fine-tuning from the run keeps its tokenizer.json (no data.tokenizer given).
+    tuned = tiny_config(source=f"file:{tmp_path}/text.txt")
+    tuned.data.cache_dir, tuned.model.vocab_size = c.data.cache_dir, 0
+    tuned.train.steps, tuned.train.eval_steps, tuned.train.init_from = 1, 1, str(run)
+    train.train(tuned, tmp_path / "tuned")
+    assert (tmp_path / "tuned" / "tokenizer.json").read_bytes() == tok.to_bytes()
     # The run keeps its tokenizer: another one for the same workdir is refused.
     c.data.tokenizer = str(gpt2_dir.parent / "other.json")
     other = tokenizers.Tokenizer.from_file(str(gpt2_dir / "tokenizer.json"))
