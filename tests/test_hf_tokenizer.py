@@ -128,6 +128,12 @@ def test_byte_level_bpe_counts_every_byte_once(gpt2_dir):
         total += len(text.encode("utf-8"))
     assert total > 10_000
     assert tok.byte_lengths[tok.eos_id] == 0
+    # Text cannot inject a special token: the string is encoded as text, its bytes counted.
+    text = "end<|endoftext|>next"
+    ids = tok.encode(text)
+    assert tok.eos_id not in ids and tok.decode(ids) == text
+    assert int(tok.byte_lengths[ids].sum()) == len(text)
+    assert _reference(gpt2_dir).encode(text).ids.count(tok.eos_id) == 1  # tokenizers' default
     # A character the corpus never had is two one-byte pieces of the alphabet.
     assert list(tok.byte_lengths[tok.encode("\u0101")]) == [1, 1]
 
@@ -146,6 +152,17 @@ def test_wordpiece_counts_normalized_bytes_without_whitespace(bert_dir):
         assert int(tok.byte_lengths[ids].sum()) == len(normalized.encode("utf-8")), text
         exact += 1
     assert exact >= 150
+    # A cased vocabulary (tokenizer_config.json says so) keeps case and accents.
+    cased = bert_dir / "cased"
+    cased.mkdir()
+    (cased / "vocab.txt").write_bytes((bert_dir / "files" / "vocab.txt").read_bytes())
+    (cased / "tokenizer_config.json").write_text('{"do_lower_case": false}')
+    uncased = tokenizer.load(bert_dir / "files")
+    assert (
+        tok.unk_id not in uncased.encode("Café")
+        and uncased.decode(uncased.encode("Café")) == "cafe"
+    )
+    assert tokenizer.load(cased).encode("Café") == [tok.unk_id]  # é and C were never seen
     pieces = [tok.id_to_piece(i) for i in range(tok.vocab_size)]
     tails = [i for i, p in enumerate(pieces) if p.startswith("##")]
     assert len(tails) > 50

@@ -2,7 +2,10 @@
 
 Reads a tokenizer.json, GPT-2 style vocab.json + merges.txt (byte-level BPE) or a BERT vocab.txt
 (WordPiece). jaxlm encodes without special tokens (documents get EOS from the data layer) and
-decodes skipping them, like SentencePiece's control pieces.
+decodes skipping them. As with SentencePiece's control pieces, text cannot inject one: a
+document holding the string `<|endoftext|>` encodes it as text (tokenizers'
+`encode_special_tokens`), so it neither ends the document early nor escapes byte accounting;
+models insert special tokens by id.
 
 Byte accounting (`byte_lengths`, for bits per byte):
 - byte-level BPE (GPT-2): a piece's characters stand for one byte each, so the byte lengths of
@@ -76,6 +79,7 @@ class HFTokenizer:
         }
         self._roles = {role: self._first(names) for role, names in ROLE_NAMES.items()}
         self._byte_lengths = self._piece_byte_lengths(_kind(spec))
+        self._tok.encode_special_tokens = True  # a runtime flag: to_bytes() is unchanged
 
     def _first(self, names: Sequence[str]) -> int | None:
         for name in names:
@@ -241,13 +245,16 @@ def _byte_level_bpe(vocab: pathlib.Path) -> tokenizers.Tokenizer:
 
 def _wordpiece(vocab: pathlib.Path) -> tokenizers.Tokenizer:
     # transformers' BertTokenizerFast defaults (uncased); a tokenizer_config.json beside it may
-    # say do_lower_case=false (a cased model).
-    lower = True
+    # say do_lower_case=false (a cased model) or set strip_accents (None: as lowercasing).
+    settings = {}
     config = vocab.parent / "tokenizer_config.json"
     if config.is_file():
-        lower = bool(json.loads(config.read_text("utf-8")).get("do_lower_case", True))
+        settings = json.loads(config.read_text("utf-8"))
     tok = tokenizers.Tokenizer(models.WordPiece.from_file(str(vocab), unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=lower)
+    tok.normalizer = normalizers.BertNormalizer(
+        lowercase=bool(settings.get("do_lower_case", True)),
+        strip_accents=settings.get("strip_accents"),
+    )
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
     tok.add_special_tokens([t for t in _BERT_SPECIALS if tok.token_to_id(t) is not None])
