@@ -250,9 +250,7 @@ class LanguageModel:
         """Settings with this tokenizer's EOS and padding ids."""
         if self.tokenizer is not None:
             kwargs.setdefault("eos_id", self.tokenizer.eos_id)
-            # No pad piece (GPT-2): pad with EOS after a row stops, as transformers does.
-            pad = self.tokenizer.pad_id
-            kwargs.setdefault("pad_id", self.tokenizer.eos_id if pad is None else pad)
+            kwargs.setdefault("pad_id", tokenizer_lib.generation_pad_id(self.tokenizer))
         return SamplingSettings(**kwargs)
 
     def generate(

@@ -82,6 +82,12 @@ def load(path: str | os.PathLike[str]) -> TokenizerAPI:
     return Tokenizer(p)
 
 
+def generation_pad_id(tok: TokenizerAPI) -> int:
+    """The id written after a generated sequence ends: pad, else EOS (GPT-2 has no pad piece,
+    and transformers pads with EOS too)."""
+    return tok.eos_id if tok.pad_id is None else tok.pad_id
+
+
 def run_file(directory: str | os.PathLike[str]) -> pathlib.Path | None:
     """The tokenizer file a run directory or prepared cache keeps, if any."""
     for name in RUN_FILES:

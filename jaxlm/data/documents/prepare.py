@@ -18,14 +18,16 @@ from jaxlm import storage
 from jaxlm.data import cache_format, sources
 from jaxlm.data.clean import Cleaner
 from jaxlm.data.specs import CleanConfig, ReadOptions, SourceSpec
-from jaxlm.data.tokenizer import Tokenizer
+from jaxlm.data.tokenizer import TokenizerAPI
 from jaxlm.data.types import SPLITS, DataError
 
 DEFAULT_SHARD_TOKENS = 1 << 27  # 256 MiB of uint16 tokens per shard
 _BASELINE_BYTES = 1 << 21  # zlib/xz baselines use at most this much validation text
 
 
-def cache_key(spec: SourceSpec, opts: ReadOptions, clean_cfg: CleanConfig, tok: Tokenizer) -> str:
+def cache_key(
+    spec: SourceSpec, opts: ReadOptions, clean_cfg: CleanConfig, tok: TokenizerAPI
+) -> str:
     """Names a document cache by everything that decides its contents (seq_len does not: rows
     are cut at read time)."""
     what = {
@@ -60,7 +62,9 @@ def sample_texts(
                 break
 
 
-def tokenized(texts: Iterable[str], tok: Tokenizer) -> Iterator[tuple[list[str], list[list[int]]]]:
+def tokenized(
+    texts: Iterable[str], tok: TokenizerAPI
+) -> Iterator[tuple[list[str], list[list[int]]]]:
     """(texts, ids) chunk by chunk; the next chunk is read while this one is encoded."""
     return cache_format.overlapped(cache_format.chunks(texts, len), tok.encode_batch)
 
@@ -90,7 +94,7 @@ class _Progress:
 def prepare_source(
     spec: SourceSpec,
     out_dir: str,
-    tok: Tokenizer,
+    tok: TokenizerAPI,
     opts: ReadOptions,
     clean_cfg: CleanConfig,
     *,
