@@ -170,6 +170,29 @@ def test_wordpiece_counts_normalized_bytes_without_whitespace(bert_dir):
     assert all(tok.byte_lengths[i] == 0 for i in tok.special_ids)
 
 
+def test_cache_rows_count_every_document_byte_once(gpt2_dir, tmp_path):
+    """Through the cache and packed rows: target bytes plus each document's first token (never
+    a target) are the documents' UTF-8 bytes, as the manifest counts them."""
+    from jaxlm.data.documents import prepare
+    from jaxlm.data.documents import rows as doc_rows
+    from jaxlm.data.specs import CleanConfig, ReadOptions, SourceSpec
+
+    tok = tokenizer.load(gpt2_dir / "tokenizer.json")
+    docs = varied_strings(200)
+    for split, texts in (("train", docs), ("validation", docs[:3])):
+        lines = [json.dumps({"text": t}) for t in texts]
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    source = SourceSpec("jsonl", f"{tmp_path}/{{split}}.jsonl")
+    raw = CleanConfig("none", False, False, 1, 0, False)  # documents exactly as written
+    out = tmp_path / "cache"
+    manifest = prepare.prepare_source(source, str(out), tok, ReadOptions(), raw, log=lambda _: 0)
+    assert manifest["splits"]["train"]["num_bytes"] == sum(len(t.encode()) for t in docs)
+    rows = doc_rows.Rows(doc_rows.TokenSplit(out, manifest, "train"), 64, True)
+    batch = doc_rows.make_batch(rows.read(np.arange(rows.num_rows)), tok.byte_lengths)
+    first = int(tok.byte_lengths[[tok.encode(t)[0] for t in docs]].sum())
+    assert int(batch["target_bytes"].sum()) + first == manifest["splits"]["train"]["num_bytes"]
+
+
 def test_special_ids(gpt2_dir, bert_dir):
     gpt2 = tokenizer.load(gpt2_dir / "files" / "vocab.json")
     eot = _reference(gpt2_dir).token_to_id("<|endoftext|>")
@@ -180,6 +203,14 @@ def test_special_ids(gpt2_dir, bert_dir):
     assert (bert.pad_id, bert.unk_id, bert.cls_id, bert.sep_id, bert.mask_id) == (0, 1, 2, 3, 4)
     assert bert.eos_id == bert.sep_id and bert.bos_id is None
     assert bert.special_ids == (0, 1, 2, 3)  # the mask is excluded, as SentencePiece's is
+
+
+def test_both_implement_the_interface(gpt2_dir, bert_dir, tmp_path):
+    sp = tokenizer.train_tokenizer(varied_strings(100), tmp_path / "a.model", 500)
+    for tok in (sp, tokenizer.load(gpt2_dir), tokenizer.load(bert_dir)):
+        assert isinstance(tok, tokenizer.TokenizerAPI), type(tok)
+        assert tok.byte_lengths.shape == (tok.vocab_size,) and tok.filename in tokenizer.RUN_FILES
+    assert not isinstance(object(), tokenizer.TokenizerAPI)
 
 
 def test_sha256_and_run_file(gpt2_dir, bert_dir, tmp_path):

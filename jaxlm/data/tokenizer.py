@@ -9,7 +9,7 @@ import os
 import pathlib
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import sentencepiece as spm
@@ -31,6 +31,7 @@ _SEED = 1234
 RUN_FILES = ("tokenizer.model", "tokenizer.json")
 
 
+@runtime_checkable
 class TokenizerAPI(Protocol):
     """What jaxlm needs of a tokenizer. Special ids are None where the vocabulary has none."""
 
