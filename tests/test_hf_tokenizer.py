@@ -191,6 +191,11 @@ def test_cache_rows_count_every_document_byte_once(gpt2_dir, tmp_path):
     batch = doc_rows.make_batch(rows.read(np.arange(rows.num_rows)), tok.byte_lengths)
     first = int(tok.byte_lengths[[tok.encode(t)[0] for t in docs]].sum())
     assert int(batch["target_bytes"].sum()) + first == manifest["splits"]["train"]["num_bytes"]
+    # Rebuilt in place with a SentencePiece model: only its tokenizer.model is left.
+    sp = tokenizer.train_tokenizer(docs, tmp_path / "a.model", 500)
+    manifest = prepare.prepare_source(source, str(out), sp, ReadOptions(), raw, log=lambda _: 0)
+    assert "tokenizer_file" not in manifest and not (out / "tokenizer.json").exists()
+    assert (out / "tokenizer.model").read_bytes() == sp.to_bytes()
 
 
 def test_special_ids(gpt2_dir, bert_dir):

@@ -18,7 +18,7 @@ from jaxlm import storage
 from jaxlm.data import cache_format, sources
 from jaxlm.data.clean import Cleaner
 from jaxlm.data.specs import CleanConfig, ReadOptions, SourceSpec
-from jaxlm.data.tokenizer import TokenizerAPI
+from jaxlm.data.tokenizer import RUN_FILES, TokenizerAPI
 from jaxlm.data.types import SPLITS, DataError
 
 DEFAULT_SHARD_TOKENS = 1 << 27  # 256 MiB of uint16 tokens per shard
@@ -120,6 +120,8 @@ def prepare_source(
     # A rebuild in place first drops the old manifest: a crash midway then leaves a directory
     # that reads as unprepared, never an old manifest over a mix of old and new shards.
     storage.remove(storage.join(out_dir, cache_format.MANIFEST))
+    for name in RUN_FILES:  # a rebuild with the other kind of tokenizer leaves one file
+        storage.remove(storage.join(out_dir, name))
     storage.write_bytes(storage.join(out_dir, tok.filename), tok.to_bytes())
     for split in splits:
         docs, cleaner = cleaned(spec, split, opts, clean_cfg)
