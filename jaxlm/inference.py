@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxlm import config as config_lib
 from jaxlm import monitor, seq2seq_eval, sharding, state, train, transforms
 from jaxlm.checkpoint import Checkpointer, open_step
-from jaxlm.data.tokenizer import Tokenizer
+from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.generate import BeamSettings, SamplingSettings, make_generate
 from jaxlm.state import ModelState
 
@@ -124,10 +124,8 @@ class LanguageModel:
                 "generation need a decoder: evaluate it with jaxlm-eval (inference.evaluate_run)"
             )
         names = transforms.check(config_lib.transform_names(config))
-        tok_path = Path(workdir) / "tokenizer.model"
-        tokenizer = None
-        if tok_path.is_file():
-            tokenizer = Tokenizer(tok_path)
+        tok_path = tokenizer_lib.run_file(workdir)  # tokenizer.model or tokenizer.json
+        tokenizer = None if tok_path is None else tokenizer_lib.load(tok_path)
         mesh = sharding.mesh_from_config(config.mesh, devices)
         ckpt, step = open_checkpoint(config, workdir, step)
         try:
@@ -161,7 +159,7 @@ class LanguageModel:
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
-            raise ValueError("this run has no tokenizer.model (synthetic data): pass token ids")
+            raise ValueError("this run has no tokenizer (synthetic data): pass token ids")
         return self.tokenizer.encode(text)
 
     def prompt_ids(self, text: str) -> list[int]:
@@ -252,7 +250,7 @@ class LanguageModel:
         """Settings with this tokenizer's EOS and padding ids."""
         if self.tokenizer is not None:
             kwargs.setdefault("eos_id", self.tokenizer.eos_id)
-            kwargs.setdefault("pad_id", self.tokenizer.pad_id)
+            kwargs.setdefault("pad_id", tokenizer_lib.generation_pad_id(self.tokenizer))
         return SamplingSettings(**kwargs)
 
     def generate(

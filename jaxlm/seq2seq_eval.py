@@ -225,7 +225,7 @@ def evaluate_generation(
         length_penalty=length_penalty,
         max_new_tokens=s.config.data.target_len,
         eos_id=text.eos_id,
-        pad_id=text.pad_id,
+        pad_id=text.eos_id if text.pad_id is None else text.pad_id,  # GPT-2 has no pad piece
     )
     hyps = decode_examples(s, params, examples, text, settings)
     refs = [e["reference"] for e in examples]

@@ -88,8 +88,8 @@ def _prepare_examples(spec, tok, out: str) -> None:
     from jaxlm.data.examples import cache
 
     _, directory, manifest = cache.build_cache(dataclasses.replace(spec, cache_root=out), tok)
-    tok_path = storage.join(out, "tokenizer.model")
-    storage.write_bytes(tok_path, tok.path.read_bytes())
+    tok_path = storage.join(out, tok.filename)
+    storage.write_bytes(tok_path, tok.to_bytes())
     counts = {k: v["examples"] for k, v in manifest["splits"].items()}
     print(f"wrote {directory}: {counts} examples, tokenizer sha256 {tok.sha256[:12]}")
     print(f"train on it with --config.data.cache_dir={out} --config.data.tokenizer={tok_path}")

@@ -84,7 +84,7 @@ def main(argv: list[str]) -> None:
             raise ValueError(f"--num_samples must be >= 1, got {FLAGS.num_samples}")
         lm = LanguageModel.load(FLAGS.workdir, step=FLAGS.step, overrides=_OVERRIDES)
         if lm.tokenizer is None:
-            raise ValueError(f"{FLAGS.workdir} has no tokenizer.model (a synthetic-data run)")
+            raise ValueError(f"{FLAGS.workdir} has no tokenizer (a synthetic-data run)")
         batch = [p for p in prompts for _ in range(FLAGS.num_samples)]
         kwargs = dict(
             max_new_tokens=FLAGS.max_new_tokens,

@@ -8,7 +8,8 @@ memory-mapped, from a local copy when the cache is remote.
 Document caches (documents/prepare.py) hold
 
     manifest.json              source, tokenizer hash, cleaning settings and counts, shards
-    tokenizer.model            the tokenizer the shards were made with
+    tokenizer.model            the tokenizer the shards were made with (a Hugging Face one:
+                               tokenizer.json, named by the manifest's "tokenizer_file")
     train-00000.tokens.npy     uint16 (vocabularies up to 65536) or int32: documents, each + eos
     train-00000.docs.npy       int64: end offset of every document within its shard
     validation-00000.*.npy     the same for the validation split
@@ -37,6 +38,13 @@ from jaxlm.data.types import DataError
 FORMAT = 1
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
+
+
+def tokenizer_file(manifest: dict) -> str:
+    """The tokenizer file a document cache keeps (manifests before HF tokenizers name none)."""
+    return manifest.get("tokenizer_file", TOKENIZER)
+
+
 CHUNK_CHARS = 2_000_000  # texts are tokenized in chunks of about this many characters
 _DEFAULT_ROOT = "~/.cache/jaxlm"
 
@@ -105,8 +113,11 @@ def check_single_process(what: str, fix: str) -> None:
 
 def check_eos(tok) -> None:
     """Both caches end every document or example with EOS (examples: at batch time)."""
-    if tok.eos_id < 0:
-        raise DataError(f"tokenizer {tok.path} has no eos piece; train one with jaxlm-data")
+    if tok.eos_id is None:
+        raise DataError(
+            f"tokenizer {tok.path} has no eos piece (named </s>, <|endoftext|>, <eos> or [SEP]); "
+            "train one with jaxlm-data"
+        )
 
 
 def chunks(

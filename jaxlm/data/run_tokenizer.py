@@ -85,23 +85,24 @@ def resolve_tokenizer(spec: DataSpec, log: Callable[[str], None] = monitor.conso
     tokenizers/ and reused)."""
     t = spec.tokenizer
     if t.path:
-        return tokenizer.Tokenizer(_local(t.path, spec))
+        return tokenizer.load(_local(t.path, spec))
     if t.init_from:
-        if not storage.exists(t.init_from):
+        # config names the run's tokenizer.model; a run with a Hugging Face one has tokenizer.json.
+        path = stored_tokenizer(t.init_from.rstrip("/").rpartition("/")[0] or ".")
+        if not storage.exists(path):
             raise DataError(
                 f"train.init_from: {t.init_from} not found; point it at a jaxlm-train run "
-                "directory (one trained on text, with its tokenizer.model)"
+                "directory (one trained on text, with its tokenizer.model or tokenizer.json)"
             )
-        return tokenizer.Tokenizer(_local(t.init_from, spec))
+        return tokenizer.load(_local(path, spec))
     prepared = [s for s in spec.sources if s.kind == "prepared"]
     if prepared:
-        path = storage.join(prepared[0].arg, cache_format.TOKENIZER)
-        return tokenizer.Tokenizer(_local(path, spec))
+        return tokenizer.load(_local(stored_tokenizer(prepared[0].arg), spec))
     path = tokenizer.tokenizer_cache_path(
         cache_format.local_root(spec.cache_root), tokenizer_key(spec), t.model_type, t.vocab_size
     )
     if path.is_file():
-        return tokenizer.Tokenizer(path)
+        return tokenizer.load(path)
     if jax.process_count() > 1:  # every host would train its own, possibly different one
         raise DataError(
             "no tokenizer for a multi-process job: train one with `jaxlm-data tokenizer --config "
@@ -111,14 +112,22 @@ def resolve_tokenizer(spec: DataSpec, log: Callable[[str], None] = monitor.conso
     return train_tokenizer(spec, path)
 
 
+def stored_tokenizer(directory: str) -> str:
+    """The tokenizer file of a run directory or prepared cache (local or remote):
+    tokenizer.json when there is one (a Hugging Face tokenizer), else tokenizer.model."""
+    sp_file, hf_file = (storage.join(directory, name) for name in tokenizer.RUN_FILES)
+    return hf_file if storage.exists(hf_file) else sp_file
+
+
 def load_tokenizer(spec: DataSpec, workdir: Path, log=monitor.console):
-    """The run's tokenizer: WORKDIR/tokenizer.model on resume (it must match data.tokenizer
-    when that is set), else `resolve_tokenizer`, copied into the workdir."""
-    local = workdir / "tokenizer.model"
-    if local.is_file():
-        tok = tokenizer.Tokenizer(local)
+    """The run's tokenizer: WORKDIR/tokenizer.model (or tokenizer.json, a Hugging Face one) on
+    resume (it must match data.tokenizer when that is set), else `resolve_tokenizer`, copied
+    into the workdir."""
+    local = tokenizer.run_file(workdir)
+    if local is not None:
+        tok = tokenizer.load(local)
         if spec.tokenizer.path:
-            wanted = tokenizer.Tokenizer(_local(spec.tokenizer.path, spec))
+            wanted = tokenizer.load(_local(spec.tokenizer.path, spec))
             if wanted.sha256 != tok.sha256:
                 raise DataError(
                     f"{local} (sha256 {tok.sha256[:12]}) is not data.tokenizer "
@@ -127,5 +136,6 @@ def load_tokenizer(spec: DataSpec, workdir: Path, log=monitor.console):
                 )
         return tok
     tok = resolve_tokenizer(spec, log)
-    storage.write_bytes(local, tok.path.read_bytes())
-    return tokenizer.Tokenizer(local)
+    local = workdir / tok.filename
+    storage.write_bytes(local, tok.to_bytes())
+    return tokenizer.load(local)

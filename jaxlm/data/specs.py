@@ -104,7 +104,9 @@ class TokenizerSpec:
     """Which tokenizer a run uses, and how one is trained when none is given (data.tokenizer*)."""
 
     path: str = ""  # data.tokenizer; empty: init_from's, a prepared cache's, or train one
-    init_from: str = ""  # tokenizer.model of the train.init_from run (fine-tuning keeps it)
+    # tokenizer.model of the train.init_from run (fine-tuning keeps it; tokenizer.json beside
+    # it, a Hugging Face one, is used instead when the run has that)
+    init_from: str = ""
     vocab_size: int = 4096
     model_type: str = "bpe"
     byte_fallback: bool = True

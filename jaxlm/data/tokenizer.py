@@ -1,4 +1,5 @@
-"""SentencePiece tokenizer: loading, training for source code, and byte accounting."""
+"""jaxlm's tokenizer interface and loader; the SentencePiece implementation (loading, training
+for source code, byte accounting). Hugging Face `tokenizers` ones live in hf_tokenizer."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import os
 import pathlib
 import re
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import sentencepiece as spm
 
 from jaxlm import storage
+from jaxlm.data import hf_tokenizer
 from jaxlm.data.types import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 # Training sentences are multi-line chunks of at most this many characters, so BPE sees real
@@ -24,8 +27,80 @@ _WS = "\u2581"  # SentencePiece's visible-space marker.
 _SEED = 1234
 
 
+# The file a run directory (or prepared cache) keeps its tokenizer in, by implementation.
+RUN_FILES = ("tokenizer.model", "tokenizer.json")
+
+
+@runtime_checkable
+class TokenizerAPI(Protocol):
+    """What jaxlm needs of a tokenizer. Special ids are None where the vocabulary has none."""
+
+    filename: str  # the name it is saved under in a run directory (one of RUN_FILES)
+
+    @property
+    def path(self) -> pathlib.Path: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def pad_id(self) -> int | None: ...
+    @property
+    def eos_id(self) -> int | None: ...
+    @property
+    def bos_id(self) -> int | None: ...
+    @property
+    def unk_id(self) -> int | None: ...
+    @property
+    def mask_id(self) -> int | None: ...
+    @property
+    def cls_id(self) -> int | None: ...
+    @property
+    def sep_id(self) -> int | None: ...
+    @property
+    def special_ids(self) -> tuple[int, ...]: ...
+    @property
+    def sha256(self) -> str: ...  # keys token caches and checkpoints to the vocabulary
+    @property
+    def byte_lengths(self) -> np.ndarray: ...  # int32 [vocab_size], for bits per byte
+    def sentinel_id(self, i: int) -> int | None: ...
+    def to_bytes(self) -> bytes: ...  # what is saved as `filename`; sha256 is its digest
+    def encode(self, text: str) -> list[int]: ...
+    def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]: ...
+    def decode(self, ids: Iterable[int]) -> str: ...
+    def id_to_piece(self, idx: int) -> str: ...
+
+
+def load(path: str | os.PathLike[str]) -> TokenizerAPI:
+    """The tokenizer at path: a SentencePiece `.model`, else (a folder, tokenizer.json,
+    vocab.json + merges.txt, vocab.txt) Hugging Face `tokenizers`. A folder with a
+    tokenizer.model and no Hugging Face files (a jaxlm run) is SentencePiece."""
+    p = pathlib.Path(path)
+    hf_names = ("tokenizer.json", "vocab.json", "vocab.txt")
+    if p.is_dir() and not any((p / n).is_file() for n in hf_names):
+        if (p / RUN_FILES[0]).is_file():
+            return Tokenizer(p / RUN_FILES[0])
+    if p.is_dir() or p.suffix in (".json", ".txt"):
+        return hf_tokenizer.HFTokenizer(p)
+    return Tokenizer(p)
+
+
+def generation_pad_id(tok: TokenizerAPI) -> int:
+    """The id written after a generated sequence ends: pad, else EOS (GPT-2 has no pad piece,
+    and transformers pads with EOS too)."""
+    return tok.eos_id if tok.pad_id is None else tok.pad_id
+
+
+def run_file(directory: str | os.PathLike[str]) -> pathlib.Path | None:
+    """The tokenizer file a run directory or prepared cache keeps, if any."""
+    for name in RUN_FILES:
+        if (pathlib.Path(directory) / name).is_file():
+            return pathlib.Path(directory) / name
+    return None
+
+
 class Tokenizer:
     """A SentencePiece model loaded from a `.model` file."""
+
+    filename = RUN_FILES[0]
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self._path = pathlib.Path(path)
@@ -44,6 +119,7 @@ class Tokenizer:
                 "file written by SentencePiece or leave it empty to train one"
             )
         self._sp = sp
+        self._data = data
         self._sha256 = hashlib.sha256(data).hexdigest()
         self._byte_lengths = _piece_byte_lengths(sp)
 
@@ -55,26 +131,38 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._sp.GetPieceSize()
 
+    # SentencePiece says -1 for a piece the model lacks; the interface says None.
     @property
-    def pad_id(self) -> int:
-        return self._sp.pad_id()
+    def pad_id(self) -> int | None:
+        return _none(self._sp.pad_id())
 
     @property
-    def eos_id(self) -> int:
-        return self._sp.eos_id()
+    def eos_id(self) -> int | None:
+        return _none(self._sp.eos_id())
 
     @property
-    def bos_id(self) -> int:
-        return self._sp.bos_id()
+    def bos_id(self) -> int | None:
+        return _none(self._sp.bos_id())
 
     @property
-    def unk_id(self) -> int:
-        return self._sp.unk_id()
+    def unk_id(self) -> int | None:
+        return _none(self._sp.unk_id())
+
+    @property
+    def cls_id(self) -> int | None:
+        """SentencePiece models have no [CLS]: the bos id plays that part."""
+        return self.bos_id
+
+    @property
+    def sep_id(self) -> int | None:
+        """SentencePiece models have no [SEP]: the eos id plays that part."""
+        return self.eos_id
 
     @property
     def special_ids(self) -> tuple[int, ...]:
-        """pad, eos, bos and unk ids that the model has (SentencePiece uses -1 for none)."""
-        return tuple(i for i in (self.pad_id, self.eos_id, self.bos_id, self.unk_id) if i >= 0)
+        """pad, eos, bos and unk ids that the model has."""
+        ids = (self.pad_id, self.eos_id, self.bos_id, self.unk_id)
+        return tuple(i for i in ids if i is not None)
 
     @property
     def mask_id(self) -> int | None:
@@ -94,6 +182,10 @@ class Tokenizer:
         """Hex digest of the model file bytes (identifies the vocabulary in caches)."""
         return self._sha256
 
+    def to_bytes(self) -> bytes:
+        """The model file's bytes (what a run directory keeps)."""
+        return self._data
+
     @property
     def byte_lengths(self) -> np.ndarray:
         """int32 [vocab_size]: UTF-8 bytes each piece contributes to decoded text."""
@@ -111,6 +203,10 @@ class Tokenizer:
 
     def id_to_piece(self, idx: int) -> str:
         return self._sp.IdToPiece(int(idx))
+
+
+def _none(idx: int) -> int | None:
+    return None if idx < 0 else idx
 
 
 def _piece_byte_lengths(sp: spm.SentencePieceProcessor) -> np.ndarray:

@@ -18,14 +18,16 @@ from jaxlm import storage
 from jaxlm.data import cache_format, sources
 from jaxlm.data.clean import Cleaner
 from jaxlm.data.specs import CleanConfig, ReadOptions, SourceSpec
-from jaxlm.data.tokenizer import Tokenizer
+from jaxlm.data.tokenizer import RUN_FILES, TokenizerAPI
 from jaxlm.data.types import SPLITS, DataError
 
 DEFAULT_SHARD_TOKENS = 1 << 27  # 256 MiB of uint16 tokens per shard
 _BASELINE_BYTES = 1 << 21  # zlib/xz baselines use at most this much validation text
 
 
-def cache_key(spec: SourceSpec, opts: ReadOptions, clean_cfg: CleanConfig, tok: Tokenizer) -> str:
+def cache_key(
+    spec: SourceSpec, opts: ReadOptions, clean_cfg: CleanConfig, tok: TokenizerAPI
+) -> str:
     """Names a document cache by everything that decides its contents (seq_len does not: rows
     are cut at read time)."""
     what = {
@@ -60,7 +62,9 @@ def sample_texts(
                 break
 
 
-def tokenized(texts: Iterable[str], tok: Tokenizer) -> Iterator[tuple[list[str], list[list[int]]]]:
+def tokenized(
+    texts: Iterable[str], tok: TokenizerAPI
+) -> Iterator[tuple[list[str], list[list[int]]]]:
     """(texts, ids) chunk by chunk; the next chunk is read while this one is encoded."""
     return cache_format.overlapped(cache_format.chunks(texts, len), tok.encode_batch)
 
@@ -90,7 +94,7 @@ class _Progress:
 def prepare_source(
     spec: SourceSpec,
     out_dir: str,
-    tok: Tokenizer,
+    tok: TokenizerAPI,
     opts: ReadOptions,
     clean_cfg: CleanConfig,
     *,
@@ -108,13 +112,17 @@ def prepare_source(
         "tokenizer_sha256": tok.sha256,
         "vocab_size": tok.vocab_size,
         "eos_id": tok.eos_id,
+        # Only a Hugging Face tokenizer is named: SentencePiece manifests stay as they were.
+        **({} if tok.filename == cache_format.TOKENIZER else {"tokenizer_file": tok.filename}),
         "splits": {},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     # A rebuild in place first drops the old manifest: a crash midway then leaves a directory
     # that reads as unprepared, never an old manifest over a mix of old and new shards.
     storage.remove(storage.join(out_dir, cache_format.MANIFEST))
-    storage.write_bytes(storage.join(out_dir, cache_format.TOKENIZER), tok.path.read_bytes())
+    for name in RUN_FILES:  # a rebuild with the other kind of tokenizer leaves one file
+        storage.remove(storage.join(out_dir, name))
+    storage.write_bytes(storage.join(out_dir, tok.filename), tok.to_bytes())
     for split in splits:
         docs, cleaner = cleaned(spec, split, opts, clean_cfg)
         writer = cache_format.ShardWriter(out_dir, split, tok.vocab_size, tok.eos_id, shard_tokens)

@@ -15,7 +15,7 @@ BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "tar
 
 def files_of(manifest: dict) -> list[str]:
     """Every file a document cache's manifest refers to."""
-    names = [cache_format.TOKENIZER]
+    names = [cache_format.tokenizer_file(manifest)]
     for info in manifest["splits"].values():
         names += [n for shard in info["shards"] for n in (shard["tokens"], shard["docs"])]
     return names

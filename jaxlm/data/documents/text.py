@@ -52,8 +52,8 @@ def ensure_cache(
         raise DataError(
             f"{directory} was tokenized with tokenizer sha256 {manifest['tokenizer_sha256'][:12]} "
             f"but this run uses {tok.sha256[:12]} ({tok.path}); set data.tokenizer="
-            f"{storage.join(directory, cache_format.TOKENIZER)} or prepare it again with this "
-            "tokenizer"
+            f"{storage.join(directory, cache_format.tokenizer_file(manifest))} or prepare it "
+            "again with this tokenizer"
         )
     files = rows.files_of(manifest)
     return cache_format.local_copy(directory, manifest, files, spec.cache_root), directory, manifest
