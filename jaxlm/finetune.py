@@ -94,10 +94,7 @@ def load_pretrained(
                 f"{tokenizer_sha256[:12]}; leave data.tokenizer empty so the pretrained run's "
                 "tokenizer is used (token ids must mean the same)"
             )
-        try:
-            src_cfg = state.saved_model_config(meta)
-        except ValueError as e:
-            raise CheckpointError(f"{key}: checkpoint {where}: {e}") from None
+        src_cfg = _prefixed(key, state.saved_model_config, meta, where)
         _, src_abstract, src_axes = state.abstract_model(src_cfg)
         # Checked on shapes, before anything is read.
         ours = flat_params(params)

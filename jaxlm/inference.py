@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlm import config as config_lib
-from jaxlm import monitor, seq2seq_eval, sharding, state, train, transforms
+from jaxlm import eval_loop, monitor, seq2seq_eval, sharding, state, train, transforms
 from jaxlm.checkpoint import Checkpointer, open_step
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.generate import BeamSettings, SamplingSettings, make_generate
@@ -81,14 +81,14 @@ def evaluate_run(
     BeamSettings(beam_size=beam_size, length_penalty=length_penalty).check()
     config = run_config(workdir, overrides)
     names = transforms.check(config_lib.transform_names(config))
-    s = train.setup(config, workdir, devices, optimizer=False)
-    ckpt, step = open_checkpoint(config, workdir, step)
+    ckpt, step = open_checkpoint(config, workdir, step)  # a missing step fails before the data
     try:
+        s = train.setup(config, workdir, devices, optimizer=False)
         params, s.model = s.model.load(ckpt, step, s.data.tokenizer_sha256, names)
     finally:
         ckpt.close()
     with s.model.rules_context():
-        metrics = train.run_eval(s, train.make_eval_step(s), params, max_batches)
+        metrics = eval_loop.run_eval(s, eval_loop.make_eval_step(s), params, max_batches)
     if decode and config.task.objective == "seq2seq":
         num_batches = config.train.eval_steps if max_batches is None else max_batches
         metrics.update(
@@ -131,7 +131,8 @@ class LanguageModel:
         try:
             # No data and no optimizer: the checkpoint's meta knows the vocabulary, and the
             # restore checks the rest of the model config against it.
-            vocab = state.saved_model_config(ckpt.read_meta(step)).vocab_size
+            vocab = state.saved_model_config(ckpt.read_meta(step), ckpt.directory / str(step))
+            vocab = vocab.vocab_size
             model = ModelState.build(
                 config_lib.model_config(config, vocab), mesh, config.mesh.rules
             )
@@ -148,7 +149,7 @@ class LanguageModel:
     @property
     def model(self) -> nnx.Module:
         """The NNX module with the restored parameters, for custom research code."""
-        return nnx.merge(self.state.graphdef, self.params)
+        return self.state.merge(self.params)
 
     def _rules(self):
         rules = sharding.replicated_batch_rules(self.config.mesh.rules)

@@ -4,7 +4,7 @@ Shape legend: B batch, T length, V vocabulary, C classes.
 
 Masking runs on device as a pure function of a JAX key. Span corruption is host-side NumPy on one
 example at a time (it changes lengths). Metrics are sums in the style of jaxlm/evaluate.py, so the
-training loop and the eval program add them over batches (train.make_eval_step) and `finish_*`
+training loop and the eval program add them over batches (eval_loop.make_eval_step) and `finish_*`
 turns them into numbers once: token objectives (masked LM, seq2seq) sum NLL, counted tokens and
 correct argmax predictions; classification also sums per-class counts for macro F1.
 """

@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxlm import sharding, transforms
-from jaxlm.checkpoint import Checkpointer
+from jaxlm.checkpoint import Checkpointer, CheckpointError
 from jaxlm.models.families import build_model
 from jaxlm.models.transformer import TransformerConfig
 
@@ -53,16 +53,17 @@ def checkpoint_meta(model_cfg: TransformerConfig, tokenizer_sha256: str | None) 
     return {"model": m, "tokenizer_sha256": tokenizer_sha256}
 
 
-def saved_model_config(meta: dict, like: TransformerConfig | None = None) -> TransformerConfig:
-    """The TransformerConfig a checkpoint was written with (its meta), the free fields (dtype,
-    dropout...) taken from `like` when given."""
+def saved_model_config(meta: dict, where: object) -> TransformerConfig:
+    """The TransformerConfig a checkpoint (at `where`, named in errors) was written with."""
     fields = {f.name for f in dataclasses.fields(TransformerConfig)}
     saved = meta.get("model")
     if not isinstance(saved, dict):
-        raise ValueError("the checkpoint's meta has no model config: not written by jaxlm")
-    free = {k: getattr(like, k) for k in _FREE_FIELDS} if like is not None else {}
+        raise CheckpointError(
+            f"checkpoint {where} has no model config in its meta: not written by jaxlm; "
+            "pass the --workdir of a jaxlm run"
+        )
     # Fields missing from the meta (added to jaxlm later) keep their defaults.
-    return TransformerConfig(**{**{k: v for k, v in saved.items() if k in fields}, **free})
+    return TransformerConfig(**{k: v for k, v in saved.items() if k in fields})
 
 
 @dataclasses.dataclass(frozen=True)

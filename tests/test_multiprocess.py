@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config, xla_flags
 
-from jaxlm import config_checks, distributed, inference, sharding, train
+from jaxlm import config_checks, distributed, eval_loop, inference, sharding, train
 from jaxlm.config import ConfigError, base_config
 from jaxlm.data import feed, tokenizer
 
@@ -283,7 +283,7 @@ def test_eval_steps_are_chained_through_their_sums(tmp_path):
     c = tiny_config(objective="classify")
     s = train.setup(c, tmp_path)
     params = train.create_state(s)["params"]
-    step = train.make_eval_step(s)
+    step = eval_loop.make_eval_step(s)
     with sharding.use_rules(s.mesh, c.mesh.rules):
         batch = feed.to_device(s.data.eval_batches(1)[0], s.batch_sharding)
         index = jnp.int32(0)

@@ -11,7 +11,7 @@ import pytest
 from conftest import tiny_config
 
 from jaxlm import config as config_lib
-from jaxlm import finetune, sharding, train
+from jaxlm import eval_loop, finetune, sharding, train
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import ConfigError
 from jaxlm.inference import LanguageModel, evaluate_run
@@ -108,7 +108,7 @@ def test_a_transform_reaches_generation_eval_and_init_from(run_dir, tmp_path):
     finally:
         ckpt.close()
     with s.model.rules_context():
-        want = train.run_eval(s, train.make_eval_step(s), double_embedding(params, None)[0])
+        want = eval_loop.run_eval(s, eval_loop.make_eval_step(s), double_embedding(params, None)[0])
     np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-6)
     assert abs(got["loss"] - evaluate_run(run_dir, step=4)["loss"]) > 1e-4
 
