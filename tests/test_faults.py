@@ -174,35 +174,16 @@ def test_launches_at_the_same_moment_take_the_lock_once(tmp_path):
 def test_metrics_write_on_a_full_disk_keeps_whole_lines(tmp_path, monkeypatch):
     writer = monitor.MetricsWriter(tmp_path)
     writer.write(1, {"train/loss": 1.0})
-    real_open = type(writer.path).open
+    real_write = os.write
 
-    class HalfThenFull:
-        """A file whose disk fills in the middle of a line."""
+    def half_then_full(fd, data):
+        """The disk fills in the middle of the line: part of it is written, then ENOSPC."""
+        if b'"step": 2' not in data:
+            return real_write(fd, data)
+        real_write(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def tell(self):
-            return self.f.tell()
-
-        def truncate(self, size):
-            return self.f.truncate(size)
-
-        def flush(self):
-            self.f.flush()
-
-        def write(self, data):
-            self.f.write(data[: len(data) // 2])
-            self.f.flush()
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(type(writer.path), "open", lambda p, m: HalfThenFull(real_open(p, m)))
+    monkeypatch.setattr(os, "write", half_then_full)
     with pytest.raises(monitor.WriteError) as e:
         writer.write(2, {"train/loss": 2.0})
     assert str(e.value).startswith(
@@ -210,6 +191,9 @@ def test_metrics_write_on_a_full_disk_keeps_whole_lines(tmp_path, monkeypatch):
     )
     monkeypatch.undo()
     assert [r["step"] for r in records(tmp_path)] == [1]
+    assert (tmp_path / "metrics.jsonl").read_bytes().endswith(b"}\n")  # no half line
+    writer.write(3, {"train/loss": 3.0})  # the next write appends a whole line after it
+    assert [r["step"] for r in records(tmp_path)] == [1, 3]
     writer.close()
 
 
