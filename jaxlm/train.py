@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlm import config as config_lib
-from jaxlm import distributed, evaluate, finetune, monitor, sharding, tasks
+from jaxlm import distributed, evaluate, finetune, monitor, sharding, storage, tasks
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.feed import Prefetcher, to_device
 from jaxlm.data.source import build_source
@@ -281,13 +281,19 @@ def save_config(config, workdir: Path) -> None:
     """Write config.json; an earlier, different one is kept as config.N.json, never lost."""
     path = workdir / "config.json"
     text = config_lib.to_json(config)
-    if path.exists() and path.read_text() != text:
-        n = 1
+    if path.exists():
+        old = path.read_text()
+        if old == text:
+            return
+        n, kept = 1, False
         while (workdir / f"config.{n}.json").exists():
+            kept = kept or (workdir / f"config.{n}.json").read_text() == old  # an earlier try
             n += 1
-        path.rename(workdir / f"config.{n}.json")
-    if not path.exists():
-        path.write_text(text)
+        # Copied, not renamed, and the new one written aside and renamed over it: a full disk
+        # or a kill at any moment leaves a whole config.json beside the checkpoints.
+        if not kept:
+            storage.write_bytes(workdir / f"config.{n}.json", old.encode())
+    storage.write_bytes(path, text.encode())
 
 
 def train(config, workdir: str | Path, devices=None) -> dict:

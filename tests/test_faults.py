@@ -4,6 +4,7 @@
 """
 
 import errno
+import io
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import tiny_config
 
+from jaxlm import config as config_lib
 from jaxlm import monitor, train
 from jaxlm.checkpoint import CheckpointError
 from jaxlm.workdir_lock import LOCK_NAME, WorkdirError, WorkdirLock
@@ -195,6 +197,47 @@ def test_metrics_write_on_a_full_disk_keeps_whole_lines(tmp_path, monkeypatch):
     writer.write(3, {"train/loss": 3.0})  # the next write appends a whole line after it
     assert [r["step"] for r in records(tmp_path)] == [1, 3]
     writer.close()
+
+
+def test_config_json_stays_whole_when_its_rewrite_fails(tmp_path, monkeypatch):
+    old, new = tiny_config(), tiny_config()
+    new.train.steps = 7
+    train.save_config(old, tmp_path)
+    old_text = (tmp_path / "config.json").read_text()
+    real_open = io.open
+
+    class FullDisk:
+        """A file on a disk that fills in the middle of the new config."""
+
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            if (data.encode() if isinstance(data, str) else data) == new_bytes:
+                self.f.write(data[: len(data) // 2])
+                self.f.flush()
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(data)
+
+    new_bytes = config_lib.to_json(new).encode()
+    monkeypatch.setattr(io, "open", lambda *a, **k: FullDisk(real_open(*a, **k)))
+    with pytest.raises(OSError, match="No space left on device"):
+        train.save_config(new, tmp_path)
+    monkeypatch.undo()
+    assert (tmp_path / "config.json").read_text() == old_text  # whole, and still the old one
+    train.save_config(new, tmp_path)
+    assert (tmp_path / "config.json").read_bytes() == new_bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.1.json", "config.json"]
+    assert (tmp_path / "config.1.json").read_text() == old_text
 
 
 def test_checkpoint_save_on_a_full_disk_stops_and_keeps_the_last_one(
