@@ -298,6 +298,12 @@ def save_config(config, workdir: Path) -> None:
 
 def train(config, workdir: str | Path, devices=None) -> dict:
     """Train (or resume) the configured model in `workdir`; returns the final metrics."""
+    if storage.is_remote(workdir):  # Path() would make gs://B/run the local ./gs:/B/run
+        raise config_lib.ConfigError(
+            f"--workdir {workdir} is remote, but the workdir (lock, config, metrics, "
+            "TensorBoard) must be local: use a local --workdir and "
+            f"--config.train.checkpoint_dir={str(workdir).rstrip('/')}/checkpoints"
+        )
     workdir = Path(workdir)
     # The lock first (one trainer per workdir, refused before any work), and the signal
     # handlers for the whole run: a Ctrl-C during setup or the first compile exits at once.

@@ -108,6 +108,18 @@ def test_resume_with_another_model_names_the_difference(trained, tmp_path, key, 
     assert message in str(e.value) and "use a new --workdir" in str(e.value)
 
 
+def test_a_remote_workdir_is_refused_naming_the_fix(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(config_lib.ConfigError) as e:
+        train.train(tiny_config(), "gs://bucket/run/")
+    assert str(e.value) == (
+        "--workdir gs://bucket/run/ is remote, but the workdir (lock, config, metrics, "
+        "TensorBoard) must be local: use a local --workdir and "
+        "--config.train.checkpoint_dir=gs://bucket/run/checkpoints"
+    )
+    assert list(tmp_path.iterdir()) == []  # no ./gs:/bucket/run
+
+
 def held_lock(workdir, **fields):
     record = {"pid": os.getpid(), "host": socket.gethostname(), "token": "x"}
     record.update({"started": time.time(), "heartbeat": time.time(), **fields})
