@@ -13,7 +13,7 @@ import kill_trials
 import pytest
 from conftest import tiny_config
 
-from jaxlm import train
+from jaxlm import preemption, train
 from jaxlm.workdir_lock import LOCK_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,3 +198,23 @@ def test_eval_write_errors_are_one_line(tmp_path, case):
             "(errno 20); free space, fix its permissions or pick another --output"
         )
     assert r.stdout == ""
+
+
+def test_sigint_in_a_multiprocess_run_is_sent_on_as_sigterm(monkeypatch):
+    monkeypatch.setattr(preemption.jax, "process_count", lambda: 2)
+    before = signal.getsignal(signal.SIGINT)
+    got = []
+    jax_handler = signal.signal(signal.SIGTERM, lambda s, f: got.append(s))  # stands for JAX's
+    try:
+        with preemption.StopSignal() as stop:
+            ours = signal.getsignal(signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt
+            deadline = time.time() + 10
+            while not got and time.time() < deadline:
+                time.sleep(0.01)
+    finally:
+        signal.signal(signal.SIGTERM, jax_handler)
+    assert got == [signal.SIGTERM]
+    assert ours is not stop._handle  # SIGTERM stays JAX's (its preemption sync point)
+    assert stop.received is None  # the step to stop at is agreed in should_stop
+    assert signal.getsignal(signal.SIGINT) is before
