@@ -1,14 +1,18 @@
 """One trainer per workdir: WORKDIR/jaxlm.lock holds the pid, host and a heartbeat time.
 
 A second `jaxlm-train` on a workdir in use is refused at once, naming the pid and host holding
-it. A lock left by a killed run does not block: on the same host its process is gone, and from
-another host (a shared gs:// or NFS workdir) its heartbeat, refreshed every HEARTBEAT_S by a
-thread, stops and the lock expires after EXPIRE_S. Local paths and gs:// alike (etils.epath).
-Only process 0 of a multi-process run takes it.
+it. A lock left by a killed run does not block: on the same host its process is gone, or its pid
+is ours (a container restarted with the same hostname and pid); on any host its heartbeat,
+refreshed every HEARTBEAT_S by a thread, stops and the lock expires after EXPIRE_S. Local paths
+and gs:// alike (etils.epath); on local disks, judging and taking the lock happen under an
+flock of the workdir, so two launches cannot both take over one stale lock. Only process 0 of a
+multi-process run takes it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import socket
@@ -22,6 +26,7 @@ LOCK_NAME = "jaxlm.lock"
 HEARTBEAT_S = 30.0
 EXPIRE_S = 300.0
 HALF_WRITTEN_S = 5.0
+_HELD: set[str] = set()  # tokens of the locks this process holds
 
 
 class WorkdirError(RuntimeError):
@@ -52,7 +57,9 @@ class WorkdirLock:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self.enabled:
-                self._take()
+                with _exclusive(self.path.parent):
+                    self._take()
+                    _HELD.add(self.mine["token"])
         except OSError as e:
             raise WorkdirError(
                 f"workdir {self.path.parent} is not writable ({e.strerror or e}): pick a "
@@ -89,6 +96,7 @@ class WorkdirLock:
         self._thread.start()
 
     def __exit__(self, *exc) -> None:
+        _HELD.discard(self.mine["token"])
         if self._thread is None:
             return
         self._stop.set()
@@ -100,9 +108,14 @@ class WorkdirLock:
             pass  # a stale lock does not block the next run
 
     def _stale(self, held: dict) -> bool:
-        if held.get("host") == self.mine["host"]:
-            return not _alive(int(held.get("pid", -1)))
-        return time.time() - float(held.get("heartbeat", 0)) > EXPIRE_S
+        if time.time() - float(held.get("heartbeat", 0)) > EXPIRE_S:
+            return True
+        if held.get("host") != self.mine["host"]:
+            return False
+        pid = int(held.get("pid", -1))
+        # Our own pid but not a lock of this process: a restarted container's earlier life.
+        reused = pid == os.getpid() and held.get("token") not in _HELD
+        return reused or not _alive(pid)
 
     def _read(self) -> dict | None:
         try:
@@ -142,6 +155,20 @@ class WorkdirLock:
                 self._write(self._started)
             except OSError:
                 pass  # the next beat retries; a full disk is reported by the run's own writes
+
+
+@contextlib.contextmanager
+def _exclusive(directory):
+    """An flock of a local `directory` (released if the process dies); nothing for gs://."""
+    if str(directory).startswith("gs://"):
+        yield
+        return
+    fd = os.open(os.fspath(directory), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def _when(t) -> str:

@@ -146,26 +146,40 @@ def test_a_workdir_in_use_is_refused_at_once(tmp_path):
         WorkdirLock(tmp_path).__enter__()
 
 
-@pytest.mark.parametrize("held", ["dead pid", "expired heartbeat", "half written"])
+@pytest.mark.parametrize(
+    "held", ["dead pid", "expired heartbeat", "half written", "our pid", "live pid, expired"]
+)
 def test_a_stale_lock_does_not_block(tmp_path, capsys, held):
+    sleeper = subprocess.Popen(["sleep", "60"])
     if held == "dead pid":
         gone = subprocess.Popen(["true"])
         gone.wait()
         held_lock(tmp_path, pid=gone.pid)
     elif held == "expired heartbeat":
         held_lock(tmp_path, host="other-host", heartbeat=time.time() - 3600)
+    elif held == "our pid":  # a container restarted with the same hostname and pid (e.g. 1)
+        held_lock(tmp_path)
+    elif held == "live pid, expired":  # the pid was reused by another process on this host
+        held_lock(tmp_path, pid=sleeper.pid, heartbeat=time.time() - 3600)
     else:
         (tmp_path / LOCK_NAME).write_text('{"pid": 12')
         with pytest.raises(WorkdirError, match="is in use"):  # maybe being written right now
             WorkdirLock(tmp_path).__enter__()
         os.utime(tmp_path / LOCK_NAME, (time.time() - 60, time.time() - 60))
-    with WorkdirLock(tmp_path) as lock:
-        assert json.loads((tmp_path / LOCK_NAME).read_text())["token"] == lock.mine["token"]
+    try:
+        with WorkdirLock(tmp_path) as lock:
+            assert json.loads((tmp_path / LOCK_NAME).read_text())["token"] == lock.mine["token"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
     assert "taking over" in capsys.readouterr().out
     assert not (tmp_path / LOCK_NAME).exists()
 
 
-def test_launches_at_the_same_moment_take_the_lock_once(tmp_path):
+@pytest.mark.parametrize("before", ["no lock", "a stale lock"])
+def test_launches_at_the_same_moment_take_the_lock_once(tmp_path, before):
+    if before == "a stale lock":  # each launch judges it stale; only one may take it over
+        held_lock(tmp_path, host="other-host", heartbeat=time.time() - 3600)
     barrier, won, refused = threading.Barrier(8), [], []
 
     def launch():
