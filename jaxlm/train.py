@@ -307,7 +307,8 @@ def train(config, workdir: str | Path, devices=None) -> dict:
     workdir = Path(workdir)
     # The lock first (one trainer per workdir, refused before any work), and the signal
     # handlers for the whole run: a Ctrl-C during setup or the first compile exits at once.
-    with WorkdirLock(workdir, enabled=jax.process_index() == 0), StopSignal() as stop:
+    lock = WorkdirLock(workdir, enabled=jax.process_index() == 0, agree=jax.process_count() > 1)
+    with lock, StopSignal() as stop:
         s = setup(config, workdir, devices)
         directory = config_lib.checkpoint_dir(config, workdir)
         ckpt = Checkpointer(directory, keep=config.train.keep_checkpoints)

@@ -6,7 +6,8 @@ is ours (a container restarted with the same hostname and pid); on any host its 
 refreshed every HEARTBEAT_S by a thread, stops and the lock expires after EXPIRE_S. Local paths
 and gs:// alike (etils.epath); on local disks, judging and taking the lock happen under an
 flock of the workdir, so two launches cannot both take over one stale lock. Only process 0 of a
-multi-process run takes it.
+multi-process run takes it, and every process learns the outcome (`agree`): a refusal stops all
+of them with the same line, rather than leaving the others waiting in collectives.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ LOCK_NAME = "jaxlm.lock"
 HEARTBEAT_S = 30.0
 EXPIRE_S = 300.0
 HALF_WRITTEN_S = 5.0
+_MESSAGE_BYTES = 1024
 _HELD: set[str] = set()  # tokens of the locks this process holds
 
 
@@ -46,14 +48,28 @@ def _alive(pid: int) -> bool:
 class WorkdirLock:
     """Context manager: take WORKDIR/jaxlm.lock (or refuse), refresh it, remove it on exit."""
 
-    def __init__(self, workdir: str | Path, enabled: bool = True):
+    def __init__(self, workdir: str | Path, enabled: bool = True, agree: bool = False):
         self.path = epath.Path(workdir) / LOCK_NAME
         self.enabled = enabled
+        self.agree = agree  # gather every process's outcome (a collective: all must call it)
         self.mine = {"pid": os.getpid(), "host": socket.gethostname(), "token": os.urandom(8).hex()}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> WorkdirLock:
+        error = None
+        try:
+            self._enter()
+        except WorkdirError as e:
+            if not self.agree:
+                raise
+            error = e
+        if self.agree and (error := _agree(error)) is not None:
+            self.__exit__(None, None, None)  # another process failed: release what we took
+            raise error from None
+        return self
+
+    def _enter(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self.enabled:
@@ -65,7 +81,6 @@ class WorkdirLock:
                 f"workdir {self.path.parent} is not writable ({e.strerror or e}): pick a "
                 "--workdir you can write to, or fix its permissions"
             ) from None
-        return self
 
     def _take(self) -> None:
         held = self._read()
@@ -155,6 +170,24 @@ class WorkdirLock:
                 self._write(self._started)
             except OSError:
                 pass  # the next beat retries; a full disk is reported by the run's own writes
+
+
+def _agree(error: WorkdirError | None) -> WorkdirError | None:
+    """The first error of any process (None if none), on every process: each sends its message
+    (empty if it succeeded) in a fixed-size byte row to all."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    row = np.zeros(_MESSAGE_BYTES, np.uint8)
+    message = str(error).encode()[:_MESSAGE_BYTES] if error is not None else b""
+    row[: len(message)] = np.frombuffer(message, np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(row))
+    for i, got in enumerate(rows):
+        text = bytes(got).rstrip(b"\0").decode(errors="replace")
+        if text:
+            return WorkdirError(text if i == jax.process_index() else f"process {i}: {text}")
+    return None
 
 
 @contextlib.contextmanager

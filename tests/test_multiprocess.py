@@ -374,3 +374,29 @@ def test_distributed_arguments_are_checked():
     assert distributed.cluster_detected({"TPU_WORKER_HOSTNAMES": "a,b,c,d"})
     assert not distributed.cluster_detected({"TPU_WORKER_HOSTNAMES": "localhost"})
     assert distributed.cluster_detected({"SLURM_NTASKS": "4"})
+
+
+def test_a_workdir_in_use_stops_every_process(tmp_path):
+    experiment, workdir = experiment_file(tmp_path), tmp_path / "run"
+    holder = subprocess.Popen(["sleep", "60"])  # a live trainer holding the workdir
+    workdir.mkdir()
+    lock = {"pid": holder.pid, "host": socket.gethostname(), "token": "x"}
+    lock.update({"started": time.time(), "heartbeat": time.time()})
+    (workdir / "jaxlm.lock").write_text(json.dumps(lock))
+    procs = launch_train(experiment, workdir)
+    try:
+        outs = [p.communicate(timeout=60) for p in procs]  # not waiting in a collective
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail("a process refused the workdir hung instead of exiting")
+    finally:
+        holder.kill()
+        holder.wait()
+    held = f"workdir {workdir} is in use by pid {holder.pid} on host {socket.gethostname()}"
+    for i, (p, (_, err)) in enumerate(zip(procs, outs, strict=True)):
+        lines = err.strip().splitlines()
+        assert p.returncode == 1 and len(lines) == 1, f"process {i}: {err[-2000:]}"
+        prefix = "jaxlm-train: error: " + ("process 0: " if i else "")
+        assert lines[0].startswith(prefix + held), lines[0]
+    assert not (workdir / "checkpoints").exists()
