@@ -198,7 +198,10 @@ def _exclusive(directory):
         return
     fd = os.open(os.fspath(directory), os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        # Best effort: NFS emulates flock with byte-range locks, which a directory opened
+        # read-only cannot take (EBADF); the token read-back still catches most races there.
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # releases the flock
