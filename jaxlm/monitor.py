@@ -66,14 +66,7 @@ class MetricsWriter:
         record = {"step": int(step), **{k: _plain(v) for k, v in record.items()}}
         line = (json.dumps(record) + "\n").encode()
         try:
-            with self.path.open("ab") as f:
-                size = f.tell()
-                try:
-                    f.write(line)
-                    f.flush()
-                except OSError:
-                    f.truncate(size)  # no half line: readers and resume see whole records
-                    raise
+            _append_whole(self.path, line)
         except OSError as e:
             raise _write_error(self.path, e) from None
         tb = self._open_tensorboard()
@@ -98,6 +91,24 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _append_whole(path: Path, data: bytes) -> None:
+    """Append `data` whole or not at all: unbuffered (a buffered file's truncate flushes the
+    rest of the line first, and fails again on a full disk), and a partial write is cut off
+    again, so readers and `resume` only ever see whole records."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            done = 0
+            while done < len(data):
+                done += os.write(fd, data[done:])
+        except OSError:
+            os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
 
 
 def _parse(line: bytes) -> dict | None:

@@ -30,7 +30,9 @@ class StopSignal:
     process at once (a Python handler would wait for the compile to return). Several processes:
     JAX's runtime catches SIGTERM on any host and agrees with the others on a step to stop at
     (`multihost_utils.reached_preemption_sync_point`, asked every step), so all save the same
-    step; no Python handler is installed there, as it would replace JAX's.
+    step; no Python SIGTERM handler is installed there, as it would replace JAX's. SIGINT
+    (Ctrl-C) is re-sent as SIGTERM by the watcher thread, so it stops the run the same way (a
+    KeyboardInterrupt would stop one process and leave the others waiting for it).
     """
 
     def __init__(self):
@@ -44,9 +46,12 @@ class StopSignal:
         self._old_wakeup = -1
 
     def __enter__(self):
-        if not self._multiprocess and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
+        if threading.current_thread() is threading.main_thread():
+            if self._multiprocess:  # JAX's runtime keeps SIGTERM; the watcher forwards SIGINT
+                self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, _forwarded)
+            else:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    self._previous[sig] = signal.signal(sig, self._handle)
             # The C-level handler writes the signal number here at once, while the main thread
             # may be inside a compile that will not return to Python for minutes.
             self._pipe = os.pipe()
@@ -64,6 +69,10 @@ class StopSignal:
                 return
             if not data:
                 return  # the pipe was closed by __exit__
+            if self._multiprocess:
+                if data[0] == signal.SIGINT:  # at once, even while the main thread compiles
+                    os.kill(os.getpid(), signal.SIGTERM)
+                continue
             if self._early and data[0] in (signal.SIGTERM, signal.SIGINT):
                 print(
                     f"received signal {data[0]} before the first step: nothing to save, "
@@ -108,3 +117,8 @@ class StopSignal:
             self._watcher.join()
             os.close(self._pipe[0])
             self._pipe = None
+
+
+def _forwarded(signum, frame) -> None:
+    """Python's part of SIGINT in a multi-process run: nothing (no KeyboardInterrupt); the
+    watcher thread has already re-sent it as SIGTERM."""

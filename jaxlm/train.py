@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlm import config as config_lib
-from jaxlm import evaluate, finetune, monitor, sharding, tasks, transforms
+from jaxlm import evaluate, finetune, monitor, sharding, storage, tasks, transforms
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.feed import Prefetcher
 from jaxlm.data.source import build_source
@@ -212,21 +212,34 @@ def save_config(config, workdir: Path) -> None:
     """Write config.json; an earlier, different one is kept as config.N.json, never lost."""
     path = workdir / "config.json"
     text = config_lib.to_json(config)
-    if path.exists() and path.read_text() != text:
-        n = 1
+    if path.exists():
+        old = path.read_text()
+        if old == text:
+            return
+        n, kept = 1, False
         while (workdir / f"config.{n}.json").exists():
+            kept = kept or (workdir / f"config.{n}.json").read_text() == old  # an earlier try
             n += 1
-        path.rename(workdir / f"config.{n}.json")
-    if not path.exists():
-        path.write_text(text)
+        # Copied, not renamed, and the new one written aside and renamed over it: a full disk
+        # or a kill at any moment leaves a whole config.json beside the checkpoints.
+        if not kept:
+            storage.write_bytes(workdir / f"config.{n}.json", old.encode())
+    storage.write_bytes(path, text.encode())
 
 
 def train(config, workdir: str | Path, devices=None) -> dict:
     """Train (or resume) the configured model in `workdir`; returns the final metrics."""
+    if storage.is_remote(workdir):  # Path() would make gs://B/run the local ./gs:/B/run
+        raise config_lib.ConfigError(
+            f"--workdir {workdir} is remote, but the workdir (lock, config, metrics, "
+            "TensorBoard) must be local: use a local --workdir and "
+            f"--config.train.checkpoint_dir={str(workdir).rstrip('/')}/checkpoints"
+        )
     workdir = Path(workdir)
     # The lock first (one trainer per workdir, refused before any work), and the signal
     # handlers for the whole run: a Ctrl-C during setup or the first compile exits at once.
-    with WorkdirLock(workdir, enabled=jax.process_index() == 0), StopSignal() as stop:
+    lock = WorkdirLock(workdir, enabled=jax.process_index() == 0, agree=jax.process_count() > 1)
+    with lock, StopSignal() as stop:
         s = setup(config, workdir, devices)
         directory = config_lib.checkpoint_dir(config, workdir)
         ckpt = Checkpointer(directory, keep=config.train.keep_checkpoints)

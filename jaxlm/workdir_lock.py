@@ -1,14 +1,19 @@
 """One trainer per workdir: WORKDIR/jaxlm.lock holds the pid, host and a heartbeat time.
 
 A second `jaxlm-train` on a workdir in use is refused at once, naming the pid and host holding
-it. A lock left by a killed run does not block: on the same host its process is gone, and from
-another host (a shared gs:// or NFS workdir) its heartbeat, refreshed every HEARTBEAT_S by a
-thread, stops and the lock expires after EXPIRE_S. Local paths and gs:// alike (etils.epath).
-Only process 0 of a multi-process run takes it.
+it. A lock left by a killed run does not block: on the same host its process is gone, or its pid
+is ours (a container restarted with the same hostname and pid); on any host its heartbeat,
+refreshed every HEARTBEAT_S by a thread, stops and the lock expires after EXPIRE_S. Local paths
+and gs:// alike (etils.epath); on local disks, judging and taking the lock happen under an
+flock of the workdir, so two launches cannot both take over one stale lock. Only process 0 of a
+multi-process run takes it, and every process learns the outcome (`agree`): a refusal stops all
+of them with the same line, rather than leaving the others waiting in collectives.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import socket
@@ -22,6 +27,8 @@ LOCK_NAME = "jaxlm.lock"
 HEARTBEAT_S = 30.0
 EXPIRE_S = 300.0
 HALF_WRITTEN_S = 5.0
+_MESSAGE_BYTES = 1024
+_HELD: set[str] = set()  # tokens of the locks this process holds
 
 
 class WorkdirError(RuntimeError):
@@ -41,24 +48,39 @@ def _alive(pid: int) -> bool:
 class WorkdirLock:
     """Context manager: take WORKDIR/jaxlm.lock (or refuse), refresh it, remove it on exit."""
 
-    def __init__(self, workdir: str | Path, enabled: bool = True):
+    def __init__(self, workdir: str | Path, enabled: bool = True, agree: bool = False):
         self.path = epath.Path(workdir) / LOCK_NAME
         self.enabled = enabled
+        self.agree = agree  # gather every process's outcome (a collective: all must call it)
         self.mine = {"pid": os.getpid(), "host": socket.gethostname(), "token": os.urandom(8).hex()}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> WorkdirLock:
+        error = None
+        try:
+            self._enter()
+        except WorkdirError as e:
+            if not self.agree:
+                raise
+            error = e
+        if self.agree and (error := _agree(error)) is not None:
+            self.__exit__(None, None, None)  # another process failed: release what we took
+            raise error from None
+        return self
+
+    def _enter(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self.enabled:
-                self._take()
+                with _exclusive(self.path.parent):
+                    self._take()
+                    _HELD.add(self.mine["token"])
         except OSError as e:
             raise WorkdirError(
                 f"workdir {self.path.parent} is not writable ({e.strerror or e}): pick a "
                 "--workdir you can write to, or fix its permissions"
             ) from None
-        return self
 
     def _take(self) -> None:
         held = self._read()
@@ -89,6 +111,7 @@ class WorkdirLock:
         self._thread.start()
 
     def __exit__(self, *exc) -> None:
+        _HELD.discard(self.mine["token"])
         if self._thread is None:
             return
         self._stop.set()
@@ -100,9 +123,14 @@ class WorkdirLock:
             pass  # a stale lock does not block the next run
 
     def _stale(self, held: dict) -> bool:
-        if held.get("host") == self.mine["host"]:
-            return not _alive(int(held.get("pid", -1)))
-        return time.time() - float(held.get("heartbeat", 0)) > EXPIRE_S
+        if time.time() - float(held.get("heartbeat", 0)) > EXPIRE_S:
+            return True
+        if held.get("host") != self.mine["host"]:
+            return False
+        pid = int(held.get("pid", -1))
+        # Our own pid but not a lock of this process: a restarted container's earlier life.
+        reused = pid == os.getpid() and held.get("token") not in _HELD
+        return reused or not _alive(pid)
 
     def _read(self) -> dict | None:
         try:
@@ -142,6 +170,41 @@ class WorkdirLock:
                 self._write(self._started)
             except OSError:
                 pass  # the next beat retries; a full disk is reported by the run's own writes
+
+
+def _agree(error: WorkdirError | None) -> WorkdirError | None:
+    """The first error of any process (None if none), on every process: each sends its message
+    (empty if it succeeded) in a fixed-size byte row to all."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    row = np.zeros(_MESSAGE_BYTES, np.uint8)
+    message = str(error).encode()[:_MESSAGE_BYTES] if error is not None else b""
+    row[: len(message)] = np.frombuffer(message, np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(row))
+    for i, got in enumerate(rows):
+        text = bytes(got).rstrip(b"\0").decode(errors="replace")
+        if text:
+            return WorkdirError(text if i == jax.process_index() else f"process {i}: {text}")
+    return None
+
+
+@contextlib.contextmanager
+def _exclusive(directory):
+    """An flock of a local `directory` (released if the process dies); nothing for gs://."""
+    if str(directory).startswith("gs://"):
+        yield
+        return
+    fd = os.open(os.fspath(directory), os.O_RDONLY)
+    try:
+        # Best effort: NFS emulates flock with byte-range locks, which a directory opened
+        # read-only cannot take (EBADF); the token read-back still catches most races there.
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def _when(t) -> str:

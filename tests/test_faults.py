@@ -4,6 +4,7 @@
 """
 
 import errno
+import io
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import tiny_config
 
+from jaxlm import config as config_lib
 from jaxlm import monitor, train
 from jaxlm.checkpoint import CheckpointError
 from jaxlm.workdir_lock import LOCK_NAME, WorkdirError, WorkdirLock
@@ -106,6 +108,18 @@ def test_resume_with_another_model_names_the_difference(trained, tmp_path, key, 
     assert message in str(e.value) and "use a new --workdir" in str(e.value)
 
 
+def test_a_remote_workdir_is_refused_naming_the_fix(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(config_lib.ConfigError) as e:
+        train.train(tiny_config(), "gs://bucket/run/")
+    assert str(e.value) == (
+        "--workdir gs://bucket/run/ is remote, but the workdir (lock, config, metrics, "
+        "TensorBoard) must be local: use a local --workdir and "
+        "--config.train.checkpoint_dir=gs://bucket/run/checkpoints"
+    )
+    assert list(tmp_path.iterdir()) == []  # no ./gs:/bucket/run
+
+
 def held_lock(workdir, **fields):
     record = {"pid": os.getpid(), "host": socket.gethostname(), "token": "x"}
     record.update({"started": time.time(), "heartbeat": time.time(), **fields})
@@ -132,26 +146,40 @@ def test_a_workdir_in_use_is_refused_at_once(tmp_path):
         WorkdirLock(tmp_path).__enter__()
 
 
-@pytest.mark.parametrize("held", ["dead pid", "expired heartbeat", "half written"])
+@pytest.mark.parametrize(
+    "held", ["dead pid", "expired heartbeat", "half written", "our pid", "live pid, expired"]
+)
 def test_a_stale_lock_does_not_block(tmp_path, capsys, held):
+    sleeper = subprocess.Popen(["sleep", "60"])
     if held == "dead pid":
         gone = subprocess.Popen(["true"])
         gone.wait()
         held_lock(tmp_path, pid=gone.pid)
     elif held == "expired heartbeat":
         held_lock(tmp_path, host="other-host", heartbeat=time.time() - 3600)
+    elif held == "our pid":  # a container restarted with the same hostname and pid (e.g. 1)
+        held_lock(tmp_path)
+    elif held == "live pid, expired":  # the pid was reused by another process on this host
+        held_lock(tmp_path, pid=sleeper.pid, heartbeat=time.time() - 3600)
     else:
         (tmp_path / LOCK_NAME).write_text('{"pid": 12')
         with pytest.raises(WorkdirError, match="is in use"):  # maybe being written right now
             WorkdirLock(tmp_path).__enter__()
         os.utime(tmp_path / LOCK_NAME, (time.time() - 60, time.time() - 60))
-    with WorkdirLock(tmp_path) as lock:
-        assert json.loads((tmp_path / LOCK_NAME).read_text())["token"] == lock.mine["token"]
+    try:
+        with WorkdirLock(tmp_path) as lock:
+            assert json.loads((tmp_path / LOCK_NAME).read_text())["token"] == lock.mine["token"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
     assert "taking over" in capsys.readouterr().out
     assert not (tmp_path / LOCK_NAME).exists()
 
 
-def test_launches_at_the_same_moment_take_the_lock_once(tmp_path):
+@pytest.mark.parametrize("before", ["no lock", "a stale lock"])
+def test_launches_at_the_same_moment_take_the_lock_once(tmp_path, before):
+    if before == "a stale lock":  # each launch judges it stale; only one may take it over
+        held_lock(tmp_path, host="other-host", heartbeat=time.time() - 3600)
     barrier, won, refused = threading.Barrier(8), [], []
 
     def launch():
@@ -174,35 +202,16 @@ def test_launches_at_the_same_moment_take_the_lock_once(tmp_path):
 def test_metrics_write_on_a_full_disk_keeps_whole_lines(tmp_path, monkeypatch):
     writer = monitor.MetricsWriter(tmp_path)
     writer.write(1, {"train/loss": 1.0})
-    real_open = type(writer.path).open
+    real_write = os.write
 
-    class HalfThenFull:
-        """A file whose disk fills in the middle of a line."""
+    def half_then_full(fd, data):
+        """The disk fills in the middle of the line: part of it is written, then ENOSPC."""
+        if b'"step": 2' not in data:
+            return real_write(fd, data)
+        real_write(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def tell(self):
-            return self.f.tell()
-
-        def truncate(self, size):
-            return self.f.truncate(size)
-
-        def flush(self):
-            self.f.flush()
-
-        def write(self, data):
-            self.f.write(data[: len(data) // 2])
-            self.f.flush()
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(type(writer.path), "open", lambda p, m: HalfThenFull(real_open(p, m)))
+    monkeypatch.setattr(os, "write", half_then_full)
     with pytest.raises(monitor.WriteError) as e:
         writer.write(2, {"train/loss": 2.0})
     assert str(e.value).startswith(
@@ -210,7 +219,51 @@ def test_metrics_write_on_a_full_disk_keeps_whole_lines(tmp_path, monkeypatch):
     )
     monkeypatch.undo()
     assert [r["step"] for r in records(tmp_path)] == [1]
+    assert (tmp_path / "metrics.jsonl").read_bytes().endswith(b"}\n")  # no half line
+    writer.write(3, {"train/loss": 3.0})  # the next write appends a whole line after it
+    assert [r["step"] for r in records(tmp_path)] == [1, 3]
     writer.close()
+
+
+def test_config_json_stays_whole_when_its_rewrite_fails(tmp_path, monkeypatch):
+    old, new = tiny_config(), tiny_config()
+    new.train.steps = 7
+    train.save_config(old, tmp_path)
+    old_text = (tmp_path / "config.json").read_text()
+    real_open = io.open
+
+    class FullDisk:
+        """A file on a disk that fills in the middle of the new config."""
+
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            if (data.encode() if isinstance(data, str) else data) == new_bytes:
+                self.f.write(data[: len(data) // 2])
+                self.f.flush()
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(data)
+
+    new_bytes = config_lib.to_json(new).encode()
+    monkeypatch.setattr(io, "open", lambda *a, **k: FullDisk(real_open(*a, **k)))
+    with pytest.raises(OSError, match="No space left on device"):
+        train.save_config(new, tmp_path)
+    monkeypatch.undo()
+    assert (tmp_path / "config.json").read_text() == old_text  # whole, and still the old one
+    train.save_config(new, tmp_path)
+    assert (tmp_path / "config.json").read_bytes() == new_bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.1.json", "config.json"]
+    assert (tmp_path / "config.1.json").read_text() == old_text
 
 
 def test_checkpoint_save_on_a_full_disk_stops_and_keeps_the_last_one(

@@ -13,7 +13,7 @@ import kill_trials
 import pytest
 from conftest import tiny_config
 
-from jaxlm import train
+from jaxlm import preemption, train
 from jaxlm.workdir_lock import LOCK_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,3 +155,66 @@ def test_a_second_trainer_on_a_workdir_in_use_is_refused(tmp_path):
         f"{socket.gethostname()} (since "
     )
     assert lines[0].endswith("wait for that run or stop it, or pick another --workdir")
+
+
+# jaxlm-eval with the evaluation itself stubbed: only its writes are under test.
+EVAL_STUB = """
+import errno, os, sys
+from jaxlm import inference
+inference.evaluate_run = lambda *a, **k: {"loss": 1.0, "step": 3}
+real_write = os.write
+def full(fd, data):
+    if b"validation/loss" in data:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return real_write(fd, data)
+if sys.argv[1] == "full":
+    os.write = full
+sys.argv = ["jaxlm-eval", *sys.argv[2:]]
+from jaxlm.cli import eval
+eval.run()
+"""
+
+
+@pytest.mark.parametrize("case", ["full disk", "bad --output"])
+def test_eval_write_errors_are_one_line(tmp_path, case):
+    (tmp_path / "file").write_text("")
+    output = tmp_path / "file" / "eval.json"  # its parent is a file
+    mode = "full" if case == "full disk" else "ok"
+    cmd = [sys.executable, "-c", EVAL_STUB, mode, "--workdir", str(tmp_path)]
+    r = subprocess.run(
+        cmd + ["--output", str(output)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    if case == "full disk":
+        assert lines[0].startswith(
+            f"jaxlm-eval: error: could not write {tmp_path / 'eval_metrics.jsonl'}: No space "
+            "left on device (errno 28)"
+        )
+    else:
+        assert lines[0] == (
+            f"jaxlm-eval: error: could not write --output {output}: Not a directory "
+            "(errno 20); free space, fix its permissions or pick another --output"
+        )
+    assert r.stdout == ""
+
+
+def test_sigint_in_a_multiprocess_run_is_sent_on_as_sigterm(monkeypatch):
+    monkeypatch.setattr(preemption.jax, "process_count", lambda: 2)
+    before = signal.getsignal(signal.SIGINT)
+    got = []
+    jax_handler = signal.signal(signal.SIGTERM, lambda s, f: got.append(s))  # stands for JAX's
+    try:
+        with preemption.StopSignal() as stop:
+            ours = signal.getsignal(signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt
+            deadline = time.time() + 10
+            while not got and time.time() < deadline:
+                time.sleep(0.01)
+    finally:
+        signal.signal(signal.SIGTERM, jax_handler)
+    assert got == [signal.SIGTERM]
+    assert ours is not stop._handle  # SIGTERM stays JAX's (its preemption sync point)
+    assert stop.received is None  # the step to stop at is agreed in should_stop
+    assert signal.getsignal(signal.SIGINT) is before

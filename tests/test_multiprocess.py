@@ -25,7 +25,7 @@ from jaxlm.config import ConfigError, base_config
 from jaxlm.data import feed, tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 120
+STEPS = 40
 
 
 def run_config():
@@ -33,7 +33,7 @@ def run_config():
     c.train.steps = STEPS
     c.train.log_every = 4
     c.train.checkpoint_every = 1000  # only the preemption save and the final one
-    c.train.eval_every = 50  # evals in both runs, before and after the restart
+    c.train.eval_every = 15  # evals in both runs, before and after the restart
     return c
 
 
@@ -164,7 +164,7 @@ def test_two_processes_match_one_and_resume_after_sigterm(tmp_path):
     assert len(common) >= STEPS // 4 - 1
     np.testing.assert_allclose([got[s] for s in common], [want[s] for s in common], rtol=1e-5)
     want_evals, got_evals = evals(reference), evals(workdir)
-    assert sorted(want_evals) == sorted(got_evals) == [50, 100, STEPS]
+    assert sorted(want_evals) == sorted(got_evals) == [15, 30, STEPS]
     for step, metrics in want_evals.items():
         assert_same_metrics(got_evals[step], metrics)
 
@@ -374,3 +374,29 @@ def test_distributed_arguments_are_checked():
     assert distributed.cluster_detected({"TPU_WORKER_HOSTNAMES": "a,b,c,d"})
     assert not distributed.cluster_detected({"TPU_WORKER_HOSTNAMES": "localhost"})
     assert distributed.cluster_detected({"SLURM_NTASKS": "4"})
+
+
+def test_a_workdir_in_use_stops_every_process(tmp_path):
+    experiment, workdir = experiment_file(tmp_path), tmp_path / "run"
+    holder = subprocess.Popen(["sleep", "60"])  # a live trainer holding the workdir
+    workdir.mkdir()
+    lock = {"pid": holder.pid, "host": socket.gethostname(), "token": "x"}
+    lock.update({"started": time.time(), "heartbeat": time.time()})
+    (workdir / "jaxlm.lock").write_text(json.dumps(lock))
+    procs = launch_train(experiment, workdir)
+    try:
+        outs = [p.communicate(timeout=60) for p in procs]  # not waiting in a collective
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail("a process refused the workdir hung instead of exiting")
+    finally:
+        holder.kill()
+        holder.wait()
+    held = f"workdir {workdir} is in use by pid {holder.pid} on host {socket.gethostname()}"
+    for i, (p, (_, err)) in enumerate(zip(procs, outs, strict=True)):
+        lines = err.strip().splitlines()
+        assert p.returncode == 1 and len(lines) == 1, f"process {i}: {err[-2000:]}"
+        prefix = "jaxlm-train: error: " + ("process 0: " if i else "")
+        assert lines[0].startswith(prefix + held), lines[0]
+    assert not (workdir / "checkpoints").exists()

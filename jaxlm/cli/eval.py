@@ -67,17 +67,29 @@ def main(argv: list[str]) -> None:
             length_penalty=FLAGS.length_penalty,
             max_decode_examples=FLAGS.max_decode_examples,
         )
+        # The overrides say which data (or settings) the figures are for.
+        record = {"workdir": FLAGS.workdir, "split": FLAGS.split, "overrides": _OVERRIDES}
+        record.update(metrics)
+        if jax.process_index() != 0:
+            return
+        # Inside the try: a full disk or a read-only file here is one line too.
+        inference.write_eval_record(FLAGS.workdir, record, FLAGS.split)
+        line = json.dumps(record)
+        if FLAGS.output:
+            _write_output(FLAGS.output, line + "\n")
     except common.USER_ERRORS as e:
         common.fail("jaxlm-eval", e)
-    # The overrides say which data (or settings) the figures are for.
-    record = {"workdir": FLAGS.workdir, "split": FLAGS.split, "overrides": _OVERRIDES, **metrics}
-    if jax.process_index() != 0:
-        return
-    inference.write_eval_record(FLAGS.workdir, record, FLAGS.split)
-    line = json.dumps(record)
-    if FLAGS.output:
-        Path(FLAGS.output).write_text(line + "\n")
     print(line, flush=True)
+
+
+def _write_output(path: str, text: str) -> None:
+    try:
+        Path(path).write_text(text)
+    except OSError as e:
+        raise OSError(
+            f"could not write --output {path}: {e.strerror or e} (errno {e.errno}); free "
+            "space, fix its permissions or pick another --output",
+        ) from None
 
 
 def run() -> None:
