@@ -9,6 +9,7 @@ values of the wrong type with a one-line `ConfigError`. The model never sees a C
 from __future__ import annotations
 
 import ast
+import copy
 import importlib.util
 import json
 from pathlib import Path
@@ -32,7 +33,6 @@ from jaxlm.config_checks import (  # noqa: F401
 from jaxlm.config_specs import (  # noqa: F401
     checkpoint_dir,
     data_spec,
-    for_platform,
     model_config,
     parse_init_from,
     synthetic_vocab_size,
@@ -305,6 +305,15 @@ def _parse_value(key: str, raw: str, current: Any) -> Any:
 def _tuples(value):
     """JSON lists back to the tuples they were saved from, at every depth."""
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def for_platform(config: ml_collections.ConfigDict, platform: str) -> ml_collections.ConfigDict:
+    """A copy of a run's config for evaluation or generation on `platform`: cuDNN attention (a
+    GPU-only kernel, not part of the checkpoint) becomes XLA's, which computes the same."""
+    config = copy.deepcopy(config)
+    if config.model.attention_impl == "cudnn" and platform != "gpu":
+        config.model.attention_impl = "xla"
+    return config
 
 
 def gpt2_style(model: ml_collections.ConfigDict) -> None:

@@ -8,7 +8,6 @@ never sees one (`model_config` -> TransformerConfig) and neither does the data l
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import re
 from pathlib import Path
@@ -48,15 +47,6 @@ def transform_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 def checkpoint_dir(config: ml_collections.ConfigDict, workdir: str | Path) -> str:
     """train.checkpoint_dir, or WORKDIR/checkpoints when it is empty."""
     return config.train.checkpoint_dir or str(Path(workdir) / "checkpoints")
-
-
-def for_platform(config: ml_collections.ConfigDict, platform: str) -> ml_collections.ConfigDict:
-    """A copy of a run's config for evaluation or generation on `platform`: cuDNN attention (a
-    GPU-only kernel, not part of the checkpoint) becomes XLA's, which computes the same."""
-    config = copy.deepcopy(config)
-    if config.model.attention_impl == "cudnn" and platform != "gpu":
-        config.model.attention_impl = "xla"
-    return config
 
 
 def synthetic_vocab_size(config: ml_collections.ConfigDict) -> int:

@@ -19,12 +19,21 @@ def xla_flags(devices: int) -> str:
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One compilation cache for the whole run (subprocesses inherit it): many tests compile the same
-# tiny train and eval steps, and a cache hit skips XLA's compile.
+# One XLA compilation cache for both pytest-xdist workers and every subprocess they start (the
+# environment is set before the workers exist): many tests compile the same tiny steps. It is
+# kept between runs like pip's cache (keyed by the program, jaxlib and flags, so never stale):
+# a re-run compiles only what changed. JAXLM_TEST_XLA_CACHE=fresh uses a new one for this run
+# (a cold run, as on a new machine); any other value is the folder to use.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    _cache = tempfile.mkdtemp(prefix="jaxlm-test-xla-")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
-    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    _where = os.environ.get("JAXLM_TEST_XLA_CACHE", "")
+    if _where == "fresh":
+        _where = tempfile.mkdtemp(prefix="jaxlm-test-xla-")
+        atexit.register(shutil.rmtree, _where, ignore_errors=True)
+    elif not _where:
+        _home = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+        _where = os.path.join(_home, "jaxlm", "xla-tests")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _where
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(1 << 30))  # least recently used go
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
