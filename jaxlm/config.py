@@ -18,6 +18,7 @@ from typing import Any
 import ml_collections
 
 # Re-exported: jaxlm.config is the one place callers import config names from.
+from jaxlm import storage
 from jaxlm.config_checks import (  # noqa: F401
     CHOICES,
     EXAMPLE_OBJECTIVES,
@@ -328,3 +329,22 @@ def gpt2_style(model: ml_collections.ConfigDict) -> None:
 def to_json(config: ml_collections.ConfigDict) -> str:
     """The resolved config as JSON (tuples become lists)."""
     return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """Write config.json; an earlier, different one is kept as config.N.json, never lost."""
+    path = workdir / "config.json"
+    text = to_json(config)
+    if path.exists():
+        old = path.read_text()
+        if old == text:
+            return
+        n, kept = 1, False
+        while (workdir / f"config.{n}.json").exists():
+            kept = kept or (workdir / f"config.{n}.json").read_text() == old  # an earlier try
+            n += 1
+        # Copied, not renamed, and the new one written aside and renamed over it: a full disk
+        # or a kill at any moment leaves a whole config.json beside the checkpoints.
+        if not kept:
+            storage.write_bytes(workdir / f"config.{n}.json", old.encode())
+    storage.write_bytes(path, text.encode())

@@ -208,25 +208,6 @@ def make_train_step(s: Setup):
     )
 
 
-def save_config(config, workdir: Path) -> None:
-    """Write config.json; an earlier, different one is kept as config.N.json, never lost."""
-    path = workdir / "config.json"
-    text = config_lib.to_json(config)
-    if path.exists():
-        old = path.read_text()
-        if old == text:
-            return
-        n, kept = 1, False
-        while (workdir / f"config.{n}.json").exists():
-            kept = kept or (workdir / f"config.{n}.json").read_text() == old  # an earlier try
-            n += 1
-        # Copied, not renamed, and the new one written aside and renamed over it: a full disk
-        # or a kill at any moment leaves a whole config.json beside the checkpoints.
-        if not kept:
-            storage.write_bytes(workdir / f"config.{n}.json", old.encode())
-    storage.write_bytes(path, text.encode())
-
-
 def train(config, workdir: str | Path, devices=None) -> dict:
     """Train (or resume) the configured model in `workdir`; returns the final metrics."""
     if storage.is_remote(workdir):  # Path() would make gs://B/run the local ./gs:/B/run
@@ -294,7 +275,7 @@ class _Loop:
             # Only now: a launch refused by the checks above must not replace the config of
             # the checkpoints already in the workdir (eval and generate read it).
             if jax.process_index() == 0:
-                save_config(s.config, self.workdir)
+                config_lib.save_config(s.config, self.workdir)
                 if s.data.description is not None:
                     text = json.dumps(s.data.description, indent=2) + "\n"
                     (self.workdir / "data.json").write_text(text)

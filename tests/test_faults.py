@@ -228,7 +228,7 @@ def test_metrics_write_on_a_full_disk_keeps_whole_lines(tmp_path, monkeypatch):
 def test_config_json_stays_whole_when_its_rewrite_fails(tmp_path, monkeypatch):
     old, new = tiny_config(), tiny_config()
     new.train.steps = 7
-    train.save_config(old, tmp_path)
+    config_lib.save_config(old, tmp_path)
     old_text = (tmp_path / "config.json").read_text()
     real_open = io.open
 
@@ -257,10 +257,10 @@ def test_config_json_stays_whole_when_its_rewrite_fails(tmp_path, monkeypatch):
     new_bytes = config_lib.to_json(new).encode()
     monkeypatch.setattr(io, "open", lambda *a, **k: FullDisk(real_open(*a, **k)))
     with pytest.raises(OSError, match="No space left on device"):
-        train.save_config(new, tmp_path)
+        config_lib.save_config(new, tmp_path)
     monkeypatch.undo()
     assert (tmp_path / "config.json").read_text() == old_text  # whole, and still the old one
-    train.save_config(new, tmp_path)
+    config_lib.save_config(new, tmp_path)
     assert (tmp_path / "config.json").read_bytes() == new_bytes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.1.json", "config.json"]
     assert (tmp_path / "config.1.json").read_text() == old_text

@@ -45,7 +45,7 @@ def encoder_run(tmp_path_factory) -> str:
     c.train.seed = 1  # other values than the fine-tuned model's own init (seed 0)
     workdir = tmp_path_factory.mktemp("pre_mlm")
     s = train.setup(c, workdir)
-    train.save_config(c, workdir)
+    config_lib.save_config(c, workdir)
     ckpt = Checkpointer(config_lib.checkpoint_dir(c, workdir))
     try:
         ckpt.save(2, train.create_state(s), {**s.state_meta(), "step": 2})
