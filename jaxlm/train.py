@@ -118,13 +118,18 @@ def setup(
         return s
     s.frozen = finetune.freeze_mask(model.abstract, config.train.freeze)
     s.tx, s.schedule = make_optimizer(config.optim, config.train.steps, model.abstract, s.frozen)
-    abstract = jax.eval_shape(lambda: init_state(model.model_cfg, s.tx, config.train.seed))
     s.state_shardings = {
         "params": model.shardings,
-        "opt_state": sharding.state_shardings(abstract["opt_state"], model.shardings, mesh),
+        "opt_state": sharding.state_shardings(_opt_shapes(s), model.shardings, mesh),
         "step": NamedSharding(mesh, PartitionSpec()),
     }
     return s
+
+
+def _opt_shapes(s: Setup):
+    """The optimizer state's shapes, from the model state's abstract parameters (the model is
+    not traced again)."""
+    return jax.eval_shape(s.tx.init, s.model.abstract)
 
 
 def create_state(s: Setup) -> dict:
@@ -135,7 +140,11 @@ def create_state(s: Setup) -> dict:
 
 def abstract_state(s: Setup) -> dict:
     """ShapeDtypeStructs with the target shardings, for checkpoint restore."""
-    shapes = jax.eval_shape(lambda: init_state(s.model_cfg, s.tx, s.config.train.seed))
+    shapes = {
+        "params": s.model.abstract,
+        "opt_state": _opt_shapes(s),
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+    }
     return jax.tree.map(
         lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes, s.state_shardings
     )
