@@ -69,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.max_len = 1024  # longest sequence; sizes the learned position table
     m.norm = "rmsnorm"  # rmsnorm (LLaMA) or layernorm (GPT-2)
     m.norm_eps = 1e-6  # epsilon inside the norms
-    m.mlp = "swiglu"  # swiglu (LLaMA) or gelu (GPT-2)
+    m.mlp = "swiglu"  # swiglu (LLaMA), geglu (T5 v1.1), gelu (GPT-2, tanh), gelu_exact (BERT), relu
     m.positions = "rope"  # rope (LLaMA), learned (GPT-2/BERT) or relative (T5 bucketed bias)
     m.rope_theta = 10000.0  # RoPE base frequency
     m.use_bias = False  # biases in linear layers and LayerNorm (GPT-2 uses them)

@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 
 CHOICES = {
     "model.norm": ("rmsnorm", "layernorm"),
-    "model.mlp": ("swiglu", "gelu"),
+    "model.mlp": ("swiglu", "gelu", "gelu_exact", "relu", "geglu"),
     "model.family": ("decoder", "encoder", "encoder_decoder"),
     "model.positions": ("rope", "learned", "relative"),
     "model.pooling": ("auto", "first", "mean", "last"),

@@ -79,6 +79,8 @@ def test_attention_kernel_matches_reference_with_gqa():
         ("gpt2", {}),
         ("llama", {"tie_embeddings": False}),
         ("gpt2", {"num_kv_heads": 1}),
+        ("llama", {"mlp": "geglu"}),
+        ("gpt2", {"mlp": "relu"}),
     ],
 )
 def test_num_params_matches_the_model(style, overrides):
@@ -118,3 +120,23 @@ def test_parameters_carry_logical_axes():
     for var in leaves:
         axes = var.get_metadata()["axes"]
         assert len(axes) == var[...].ndim
+
+
+@pytest.mark.parametrize(
+    "kind,expected",
+    [
+        ("gelu", lambda g, u: jax.nn.gelu(u, approximate=True)),
+        ("gelu_exact", lambda g, u: 0.5 * u * (1 + jax.scipy.special.erf(u / np.sqrt(2)))),
+        ("relu", lambda g, u: np.maximum(u, 0)),
+        ("swiglu", lambda g, u: g / (1 + np.exp(-g)) * u),
+        ("geglu", lambda g, u: jax.nn.gelu(g, approximate=True) * u),
+    ],
+)
+def test_mlp_kinds_match_their_formulas(kind, expected):
+    model, _ = build("llama", mlp=kind)
+    mlp = model.blocks[0].mlp
+    x = jax.random.normal(jax.random.key(1), (2, 3, 32))
+    up = x @ mlp.up.kernel[...]
+    gate = x @ mlp.gate.kernel[...] if hasattr(mlp, "gate") else None
+    want = expected(gate, up) @ mlp.down.kernel[...]
+    np.testing.assert_allclose(mlp(x), want, rtol=1e-5, atol=1e-6)

@@ -121,15 +121,27 @@ def make_norm(kind: str, dim: int, *, eps: float, use_bias: bool, dtype, param_d
     )
 
 
+# name -> (activation, gated). Gated kinds (LLaMA's SwiGLU, T5 v1.1's gated GELU) compute
+# act(gate(x)) * up(x); the others act(up(x)). "gelu" is the tanh approximation (GPT-2's
+# gelu_new), "gelu_exact" the erf form (BERT).
+MLP_KINDS = {
+    "gelu": (lambda x: jax.nn.gelu(x, approximate=True), False),
+    "gelu_exact": (lambda x: jax.nn.gelu(x, approximate=False), False),
+    "relu": (jax.nn.relu, False),
+    "swiglu": (jax.nn.silu, True),
+    "geglu": (lambda x: jax.nn.gelu(x, approximate=True), True),
+}
+
+
 class MLP(nnx.Module):
-    """GELU MLP (GPT-2) or SwiGLU (LLaMA): D -> F -> D."""
+    """D -> F -> D with one of MLP_KINDS: GELU (GPT-2, BERT), ReLU (T5), SwiGLU, gated GELU."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         d, f = cfg.d_model, cfg.d_ff
         common = dict(use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.kind = cfg.mlp
         self.up = DenseGeneral((d,), (f,), ("embed", "mlp"), std=cfg.init_std, rngs=rngs, **common)
-        if self.kind == "swiglu":
+        if MLP_KINDS[self.kind][1]:
             self.gate = DenseGeneral(
                 (d,), (f,), ("embed", "mlp"), std=cfg.init_std, rngs=rngs, **common
             )
@@ -138,10 +150,8 @@ class MLP(nnx.Module):
         )
 
     def __call__(self, x_BTD):
-        if self.kind == "swiglu":
-            h_BTF = jax.nn.silu(self.gate(x_BTD)) * self.up(x_BTD)
-        else:
-            h_BTF = jax.nn.gelu(self.up(x_BTD), approximate=True)
+        act, gated = MLP_KINDS[self.kind]
+        h_BTF = act(self.gate(x_BTD)) * self.up(x_BTD) if gated else act(self.up(x_BTD))
         h_BTF = sharding.constrain(h_BTF, ("batch", "length", "mlp"))
         return self.down(h_BTF)
 

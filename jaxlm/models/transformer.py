@@ -27,7 +27,7 @@ from jaxlm.models.heads import (
     split_key,
     vocab_logits,
 )
-from jaxlm.models.layers import MLP, Embed, dropout, dtype_of, make_norm, make_param
+from jaxlm.models.layers import MLP, MLP_KINDS, Embed, dropout, dtype_of, make_norm, make_param
 
 FAMILIES = ("decoder", "encoder", "encoder_decoder")
 POSITIONS = ("rope", "learned", "relative")
@@ -69,6 +69,7 @@ class TransformerConfig:
             ("family", FAMILIES),
             ("positions", POSITIONS),
             ("pooling", POOLINGS),
+            ("mlp", tuple(MLP_KINDS)),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(
@@ -105,7 +106,7 @@ class TransformerConfig:
         norm = d * (2 if b and self.norm == "layernorm" else 1)
         attn = d * h * (2 * self.num_heads + 2 * self.num_kv_heads)
         attn += (h * (self.num_heads + 2 * self.num_kv_heads) + d) if b else 0
-        n_up = 2 if self.mlp == "swiglu" else 1
+        n_up = 2 if MLP_KINDS[self.mlp][1] else 1
         mlp = d * f * (n_up + 1) + (n_up * f + d if b else 0)
         block = attn + mlp + 2 * norm
         positions = {"rope": 0, "learned": self.max_len * d}.get(
