@@ -33,6 +33,9 @@ from jaxlm.interop import convert, hf_files
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 ROOT = Path(__file__).resolve().parents[1]
+# One device: these models' parameters are replicated anyway, and 8 fake devices would compile
+# SPMD programs and run every step 8 times over on 2 cores.
+ONE = jax.devices()[:1]
 TEXT = [
     "def f(x):\n    return x ** 2\n",
     "for (int i = 0; i < n; ++i) { a[i] += b[i]; }",
@@ -134,7 +137,9 @@ def imported(tmp_path_factory, bpe):
                 assert r.returncode == 0 and "wrote" in r.stdout, r.stderr[-2000:]
             else:
                 assert interop.import_hf(tmp / "hf", tmp / "run") == tmp / "run"
-            made[kind] = Case(kind, hf, tmp / "hf", tmp / "run", LanguageModel.load(tmp / "run"))
+            made[kind] = Case(
+                kind, hf, tmp / "hf", tmp / "run", LanguageModel.load(tmp / "run", devices=ONE)
+            )
         return made[kind]
 
     return get
@@ -173,7 +178,7 @@ def test_logits_match_transformers(case):
     assert np.abs(ours - ref)[real].max() < 1e-4
     assert (ours.argmax(-1) == ref.argmax(-1))[real].all()
     # In memory, without a run directory: the same parameters, bit for bit.
-    direct = LanguageModel.from_pretrained(case.hf_dir)
+    direct = LanguageModel.from_pretrained(case.hf_dir, devices=ONE)
     for a, b in zip(jax.tree.leaves(direct.params), jax.tree.leaves(case.lm.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert (direct.tokenizer is None) == (CASES[case.kind][1] is None)
@@ -190,12 +195,13 @@ def test_cached_decoding_matches_transformers(case):
         return nnx.merge(graphdef, params).decode(tokens_BT, cache, index_B)
 
     cache = lm.model.init_cache(4, 40)
-    logits, cache = decode(lm.params, tokens[:, :8], cache, jnp.zeros(4, jnp.int32))
-    steps = [logits]
-    for t in range(8, 40):  # one token at a time through the KV cache
+    steps = []
+    for t in range(40):  # one token at a time through the KV cache (generate_ids prefills)
         logits, cache = decode(lm.params, tokens[:, t : t + 1], cache, jnp.full(4, t, jnp.int32))
         steps.append(logits)
     assert np.abs(np.concatenate(steps, axis=1) - ref).max() < 1e-4
+    if case.kind == "llama_tied":
+        return  # the sampling loop is the same as the untied model's
     # Greedy sampling (jaxlm.generate) from prompts of different lengths follows HF's argmax.
     prompts = [list(tokens[0, :5]), list(tokens[1, :9])]
     out = lm.generate_ids(prompts, SamplingSettings(max_new_tokens=6, temperature=0.0))
@@ -260,18 +266,20 @@ def test_imported_gpt2_evaluates_fine_tunes_resumes_and_exports(tmp_path, import
     # jaxlm-eval's program on the imported run, on other data.
     overrides = [f"data.source={c.data.source}", f"data.cache_dir={c.data.cache_dir}"]
     overrides += ["data.batch_size=8", "data.seq_len=32", "data.eval_fraction=0.2"]
-    record = inference.evaluate_run(run, max_batches=1, overrides=overrides)
+    record = inference.evaluate_run(run, max_batches=1, overrides=overrides, devices=ONE)
     assert record["step"] == 0 and np.isfinite(record["bits_per_byte"])
     # Fine-tune with init_from: interrupted at step 2 and resumed, against straight through.
     c.train.stop_at = 2
-    train.train(c, tmp_path / "tuned")
+    train.train(c, tmp_path / "tuned", ONE)
     log = capsys.readouterr().out  # every parameter comes from the imported run, none is new
     assert f"loaded {len(jax.tree.leaves(gpt2.lm.params))} parameters\n" in log, log
     c.train.stop_at = 0
-    resumed = train.train(c, tmp_path / "tuned")
-    straight = train.train(finetune_config(run, text_file, tmp_path / "cache"), tmp_path / "once")
+    resumed = train.train(c, tmp_path / "tuned", ONE)
+    straight = train.train(
+        finetune_config(run, text_file, tmp_path / "cache"), tmp_path / "once", ONE
+    )
     assert resumed == straight
-    tuned = LanguageModel.load(tmp_path / "tuned")
+    tuned = LanguageModel.load(tmp_path / "tuned", devices=ONE)
     out = interop.export_hf(tmp_path / "tuned", tmp_path / "out")
     back, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert (info["missing_keys"], info["unexpected_keys"]) == (set(), set())
@@ -345,5 +353,3 @@ def test_cli_usage_errors_exit_2(tmp_path):
     assert r.returncode == 2 and "export needs --out" in r.stderr, r.stderr
     r = cli("convert", "--workdir", str(tmp_path))
     assert r.returncode == 2 and "usage: jaxlm-convert import|export" in r.stderr, r.stderr
-    r = cli("import", "--hf_dir", str(tmp_path / "none"), "--workdir", str(tmp_path / "run"))
-    assert r.returncode == 2 and "is not a Hugging Face model folder" in r.stderr, r.stderr

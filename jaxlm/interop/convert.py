@@ -79,6 +79,7 @@ def run_config(model_keys: dict, objective: str) -> ml_collections.ConfigDict:
 
 def load_hf(hf_dir: str | Path) -> tuple[ml_collections.ConfigDict, dict]:
     """(run config, parameters as float32 numpy arrays in jaxlm's tree) of an HF folder."""
+    hf_dir = Path(hf_dir).expanduser()
     hf = hf_files.read_config(hf_dir)
     name, module = architecture_of(hf, hf_dir)
     try:
@@ -126,6 +127,7 @@ def checked_params(params: dict, cfg: TransformerConfig, where: object) -> dict:
 
 def hf_tokenizer(hf_dir: str | Path) -> tokenizer_lib.TokenizerAPI | None:
     """The folder's tokenizer, or None when it has no tokenizer files."""
+    hf_dir = Path(hf_dir).expanduser()
     if not any((Path(hf_dir) / n).is_file() for n in _TOKENIZER_FILES):
         return None
     return tokenizer_lib.load(hf_dir)
@@ -151,7 +153,7 @@ def _building(target: Path):
 
 def import_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
     """Convert an HF folder into a new jaxlm run directory (step 0); returns its path."""
-    run_dir = Path(run_dir)
+    hf_dir, run_dir = Path(hf_dir).expanduser(), Path(run_dir).expanduser()
     if run_dir.exists():
         raise ConversionError(f"{run_dir} exists; pass a new --workdir (nothing was written)")
     config, params = load_hf(hf_dir)
@@ -164,7 +166,7 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
         )
     if tok is None:  # token ids only: evaluation reads synthetic rows of the same vocabulary
         config.data.source = "synthetic"
-    name = hf_files.read_config(hf_dir)["architectures"][0]
+    name = hf_files.read_config(hf_dir)["architectures"][0]  # load_hf checked it
     cfg = config_lib.model_config(config, vocab)
     with _building(run_dir) as tmp:
         if tok is not None:
@@ -244,7 +246,8 @@ def export_hf(
     None picks the first one that represents the model."""
     if dtype not in hf_files.DTYPES:
         raise ConversionError(f"dtype={dtype!r}: export as one of {', '.join(hf_files.DTYPES)}")
-    if Path(out_dir).exists():
+    run_dir, out_dir = Path(run_dir).expanduser(), Path(out_dir).expanduser()
+    if out_dir.exists():
         raise ConversionError(f"{out_dir} exists; pass a new output folder (nothing was written)")
     if max_shard_size is not None:
         hf_files.parse_size(max_shard_size)
@@ -260,9 +263,9 @@ def export_hf(
         hf = ARCHITECTURES[architecture].config_to_hf(cfg, architecture, ids)
     tensors = ARCHITECTURES[architecture].params_to_hf(params, cfg, architecture)
     hf["dtype"] = dtype
-    with _building(Path(out_dir)) as tmp:
+    with _building(out_dir) as tmp:
         hf_files.write_tensors(tmp, tensors, dtype, max_shard_size)
         hf_files.write_json(tmp / hf_files.CONFIG, hf)
         if tok is not None:
             hf_files.write_tokenizer(tmp, tok, cfg.max_len)
-    return Path(out_dir)
+    return out_dir
