@@ -348,6 +348,18 @@ def test_tensor_and_directory_errors(folders, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["extra", "taken"]
 
 
+def test_hub_gpt2_layout_without_prefix_or_mask_buffers(folders, tmp_path):
+    """The Hub's gpt2 was saved from GPT2Model: no 'transformer.' prefix, causal-mask buffers."""
+    src = edited(folders["gpt2"], tmp_path / "hub")
+    tensors = {k.removeprefix("transformer."): v for k, v in hf_files.read_tensors(src).items()}
+    tensors["h.0.attn.bias"] = np.tril(np.ones((1, 1, 8, 8), np.float32))
+    tensors["h.1.attn.masked_bias"] = np.asarray(-1e4, np.float32)
+    hf_files.write_tensors(src, tensors, max_shard_size=10_000)
+    want, got = interop.load_hf(folders["gpt2"])[1], interop.load_hf(src)[1]
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_cli_usage_errors_exit_2(tmp_path):
     r = cli("export", "--workdir", str(tmp_path))
     assert r.returncode == 2 and "export needs --out" in r.stderr, r.stderr

@@ -8,7 +8,7 @@ temporary folder beside the target and rename it at the end: a failure leaves no
 
 A family module (gpt2.py, llama.py, bert.py, t5.py) defines, for the HF classes it lists in
 `ARCHITECTURES` (class name -> task.objective):
-  config_from_hf(hf, architecture) -> dict of model.* keys
+  config_from_hf(hf, architecture) -> dict of model.* keys (other sections' keys dotted)
   params_from_hf(tensors, cfg, architecture) -> jaxlm's parameter tree (nested dict, blocks by
       int index), popping from `tensors` every tensor it uses; a tensor it needs and lacks is a
       KeyError; what is left afterwards is refused as unexpected here
@@ -40,9 +40,14 @@ from jaxlm.interop import gpt2, hf_files, llama
 from jaxlm.interop.hf_files import ConversionError
 from jaxlm.models.transformer import TransformerConfig
 
+# The family modules, one a line; export tries their architectures in this order.
+FAMILIES: tuple[ModuleType, ...] = (
+    gpt2,
+    llama,
+)
 # HF architecture (config.json "architectures") -> the family module converting it.
 ARCHITECTURES: dict[str, ModuleType] = {
-    name: module for module in (gpt2, llama) for name in module.ARCHITECTURES
+    name: module for module in FAMILIES for name in module.ARCHITECTURES
 }
 # Tokenizer files a Hugging Face folder may hold (see jaxlm/data/tokenizer.py's load).
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model")
@@ -62,14 +67,16 @@ def architecture_of(hf: dict, where: object) -> tuple[str, ModuleType]:
     return names[0], ARCHITECTURES[names[0]]
 
 
-def run_config(model_keys: dict, objective: str) -> ml_collections.ConfigDict:
-    """A jaxlm run config for a converted model: the base config with its model.* keys."""
+def run_config(keys: dict, objective: str) -> ml_collections.ConfigDict:
+    """A jaxlm run config for a converted model: the base config with the converter's keys
+    (model.* keys by name, keys of other sections dotted: "data.tokenizer_mask")."""
     config = config_lib.base_config()
-    keys = dict(model_keys)
     for key, value in keys.items():
-        if key not in config.model:
-            raise ConversionError(f"converter returned unknown key model.{key}")
-        config.model[key] = value
+        section, _, leaf = key.rpartition(".")
+        group = config[section or "model"]
+        if leaf not in group or isinstance(group[leaf], ml_collections.ConfigDict):
+            raise ConversionError(f"converter returned unknown config key {key!r}")
+        group[leaf] = value
     config.task.objective = objective
     config.model.dtype = "float32"  # what transformers computes in; bfloat16 is an override
     config.data.seq_len = min(config.model.max_len, _MAX_SEQ_LEN)

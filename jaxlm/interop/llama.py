@@ -60,6 +60,8 @@ def config_from_hf(hf: dict, architecture: str) -> dict:
         "rope_theta": _rope_theta(hf),
         "use_bias": False,
         "tie_embeddings": hf.get("tie_word_embeddings", False),
+        "dropout": hf.get("attention_dropout", 0.0),
+        "init_std": hf.get("initializer_range", 0.02),  # for heads a fine-tuning run adds
     }
 
 
