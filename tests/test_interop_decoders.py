@@ -3,11 +3,15 @@ export that transformers loads (fp32, bf16, sharded), bit-identical round trips,
 imported model, and the one-line errors. Models are random-init, every tensor perturbed (HF
 starts biases and norm scales at 0 and 1, which would hide swapped tensors), saved offline."""
 
+# ruff: noqa: E402 (HF_HUB_OFFLINE is read when transformers is imported)
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # these tests never download
 
 import dataclasses
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -31,7 +35,6 @@ from jaxlm.generate import SamplingSettings
 from jaxlm.inference import LanguageModel
 from jaxlm.interop import convert, hf_files
 
-os.environ["HF_HUB_OFFLINE"] = "1"
 ROOT = Path(__file__).resolve().parents[1]
 # One device: these models' parameters are replicated anyway, and 8 fake devices would compile
 # SPMD programs and run every step 8 times over on 2 cores.
@@ -165,7 +168,7 @@ def hf_logits(model: torch.nn.Module, tokens: np.ndarray, mask=None) -> np.ndarr
 
 
 def forward(lm: LanguageModel, tokens: np.ndarray) -> np.ndarray:
-    """jaxlm's logits, compiled (eager dispatch on 8 devices is far slower than compiling)."""
+    """jaxlm's logits, compiled (op-by-op dispatch is far slower than one compile)."""
     graphdef = lm.state.graphdef
     return np.asarray(jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(lm.params, tokens))
 
