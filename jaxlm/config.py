@@ -86,6 +86,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.relative_max_distance = 128  # positions=relative: offsets past this share a bucket
     m.num_classes = 0  # > 0 adds a classification head (not trained by lm or mlm)
     m.pooling = "auto"  # classification pooling: first, mean, last; auto: first (encoder), last
+    m.attention_scale = 0.0  # attention score scale; 0: 1/sqrt(head_dim); T5: 1.0 (unscaled)
+    m.scale_tied_output = False  # decoder output * d_model**-0.5 before the vocab projection (T5)
     # Parameter transforms applied when this run's checkpoint is loaded for use (eval, generate,
     # init_from; not resume): comma-separated names of jaxlm/transforms.py or package.module:fn.
     m.transforms = ""

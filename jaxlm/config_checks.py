@@ -101,7 +101,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         what += f" + data.target_len={config.data.target_len}"
     if m.positions == "learned" and longest > m.max_len:
         raise ConfigError(f"{what} exceeds model.max_len={m.max_len}; raise model.max_len")
-    for key in ("model.num_decoder_layers", "model.num_classes", "train.hang_timeout"):
+    nonneg = ("model.num_decoder_layers", "model.num_classes", "model.attention_scale")
+    for key in (*nonneg, "train.hang_timeout"):
         if _get(config, key) < 0:
             raise ConfigError(f"config key {key!r} must be >= 0, got {_get(config, key)}")
     _validate_data(config.data)
