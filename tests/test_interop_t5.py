@@ -5,6 +5,7 @@ One random-init model per variant, every parameter perturbed, saved, imported an
 (module-scoped fixtures); d_kv * num_heads != d_model, and v1.1 has fewer decoder blocks.
 """
 
+import dataclasses
 import json
 import os
 
@@ -13,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from jaxlm import tasks
+from jaxlm import objectives, tasks
 from jaxlm.generate import SamplingSettings, make_seq2seq_generate
 from jaxlm.interop import ConversionError, convert, export_hf, import_hf, load_hf, t5
 from jaxlm.models.attention import relative_bucket
@@ -48,8 +50,6 @@ def _hf_model(variant: str):
 
 def _tokenizer_json(path):
     """A tiny T5-style Unigram tokenizer.json: <pad> 0, </s> 1, <unk> 2, then pieces."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
     letters = "abcdefghijklmnopqrstuvwxyz"
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     vocab += [(c, -3.0) for c in letters] + [("\u2581" + c, -2.5) for c in letters]
@@ -104,10 +104,8 @@ def _forward_and_cached(cfg, params):
     return lambda *a: tuple(np.asarray(x) for x in run(state, *map(jnp.asarray, a))), graphdef
 
 
-@pytest.fixture(scope="module", params=list(VARIANTS))
-def converted(request, tmp_path_factory):
+def _convert(variant: str, tmp_path_factory) -> dict:
     """The HF model, its folder, the imported run, and its fp32 export (sharded for v1.0)."""
-    variant = request.param
     tmp = tmp_path_factory.mktemp(variant)
     hf = _hf_model(variant)
     hf.save_pretrained(tmp / "hf")
@@ -128,6 +126,21 @@ def converted(request, tmp_path_factory):
         tok=tok,
         out=out,
     )
+
+
+@pytest.fixture(scope="module")
+def v10(tmp_path_factory) -> dict:
+    return _convert("v1.0", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def v11(tmp_path_factory) -> dict:
+    return _convert("v1.1", tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=["v10", "v11"])
+def converted(request) -> dict:
+    return request.getfixturevalue(request.param)
 
 
 def test_import_matches_transformers_teacher_forced_and_cached(converted):
@@ -173,9 +186,8 @@ def test_export_loads_in_transformers_and_round_trips_bit_identical(converted):
     assert (hf["decoder_start_token_id"], hf["pad_token_id"]) == (0, 0)
 
 
-def test_bf16_export_loads(converted):
-    if converted["variant"] != "v1.1":
-        pytest.skip("one bf16 export is enough")
+def test_bf16_export_loads(v11):
+    converted = v11
     out = export_hf(converted["run"], converted["tmp"] / "bf16", dtype="bfloat16")
     model, info = transformers.T5ForConditionalGeneration.from_pretrained(
         out, output_loading_info=True
@@ -187,16 +199,17 @@ def test_bf16_export_loads(converted):
     jax.tree.map(np.testing.assert_array_equal, params, bf16)
 
 
-def test_tokenizer_and_greedy_generation_start_like_transformers(converted):
+def test_tokenizer_and_greedy_generation_start_like_transformers(v10):
     """The imported T5 tokenizer keeps <pad> 0 / </s> 1; jaxlm's seq2seq decoding starts from
     the same id as transformers' (tasks.DECODER_START_ID), so greedy outputs agree."""
-    if converted["variant"] != "v1.0":
-        pytest.skip("the v1.0 folder carries the tokenizer")
+    converted = v10
     tok = converted["tok"]
     assert (tok.pad_id, tok.eos_id, tasks.DECODER_START_ID) == (0, 1, t5.DECODER_START_ID)
     exported = json.loads((converted["out"] / "tokenizer_config.json").read_text())
     assert (exported["pad_token"], exported["eos_token"]) == ("<pad>", "</s>")
-    src, mask, _ = _inputs()
+    src, mask, dec = _inputs()
+    teacher = objectives.shift_right(jnp.asarray(dec), tasks.DECODER_START_ID)  # seq2seq task
+    np.testing.assert_array_equal(teacher, v10["hf"]._shift_right(torch.from_numpy(dec)).numpy())
     n = 12
     with torch.no_grad():
         want = (
@@ -226,7 +239,10 @@ def test_relative_bucket_equals_transformers(bidirectional, buckets, distance):
     want = transformers.models.t5.modeling_t5.T5Attention._relative_position_bucket(
         torch.from_numpy(rel), bidirectional, buckets, distance
     ).numpy()
-    got = relative_bucket(
+    bucket = jax.jit(
+        relative_bucket, static_argnames=("bidirectional", "num_buckets", "max_distance")
+    )
+    got = bucket(
         jnp.asarray(rel), bidirectional=bidirectional, num_buckets=buckets, max_distance=distance
     )
     np.testing.assert_array_equal(np.asarray(got), want)
@@ -260,16 +276,12 @@ def test_mlp_kinds_both_ways():
         assert t5._FEED_FORWARD[kind] == proj
 
 
-def test_tied_head_that_differs_and_unrepresentable_exports_are_refused(converted):
-    if converted["variant"] != "v1.0":
-        pytest.skip("one model is enough")
-    cfg = converted["cfg"]
-    tensors = t5.params_to_hf(converted["params"], cfg, "T5ForConditionalGeneration")
+def test_tied_head_that_differs_and_unrepresentable_exports_are_refused(v10):
+    cfg = v10["cfg"]
+    tensors = t5.params_to_hf(v10["params"], cfg, "T5ForConditionalGeneration")
     tensors["lm_head.weight"] = tensors["shared.weight"] + 1
     with pytest.raises(ConversionError, match="lm_head.weight differs from shared.weight"):
         t5.params_from_hf(tensors, cfg, "T5ForConditionalGeneration")
-    import dataclasses
-
     scaled = dataclasses.replace(cfg, attention_scale=0.0)
     with pytest.raises(ConversionError, match="model.attention_scale=0.0: T5 needs"):
         t5.config_to_hf(scaled, "T5ForConditionalGeneration", {})
