@@ -279,6 +279,13 @@ def test_mlp_kinds_both_ways():
 def test_tied_head_that_differs_and_unrepresentable_exports_are_refused(v10):
     cfg = v10["cfg"]
     tensors = t5.params_to_hf(v10["params"], cfg, "T5ForConditionalGeneration")
+    # Older checkpoints carry tied copies and an unused cross-attention bias: accepted, dropped.
+    old = dict(tensors)
+    old["encoder.embed_tokens.weight"] = old["lm_head.weight"] = tensors["shared.weight"]
+    old["decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"] = np.ones(4)
+    params = t5.params_from_hf(old, cfg, "T5ForConditionalGeneration")
+    assert not old
+    jax.tree.map(np.testing.assert_array_equal, params, v10["params"])
     tensors["lm_head.weight"] = tensors["shared.weight"] + 1
     with pytest.raises(ConversionError, match="lm_head.weight differs from shared.weight"):
         t5.params_from_hf(tensors, cfg, "T5ForConditionalGeneration")
