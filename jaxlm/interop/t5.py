@@ -20,7 +20,8 @@ from jaxlm.interop.hf_files import ConversionError
 from jaxlm.models.transformer import TransformerConfig
 
 ARCHITECTURES = {"T5ForConditionalGeneration": "seq2seq"}
-# jaxlm.tasks.DECODER_START_ID (a layer above interop; tests check they agree): T5's pad id.
+# jaxlm.tasks.DECODER_START_ID (a sibling layer interop cannot import; the tests check they
+# agree): the seq2seq task, seq2seq_eval and generate start the decoder there, as T5 (its pad).
 DECODER_START_ID = 0
 # (is_gated_act, dense_act_fn) -> model.mlp; HF's "gelu" is the erf form, "gelu_new" the tanh one.
 _MLPS = {
@@ -59,8 +60,8 @@ def _mlp_kind(hf: dict) -> str:
 
 def config_from_hf(hf: dict, architecture: str) -> dict:
     """model.* keys of a T5Config (task.objective is ARCHITECTURES[architecture])."""
-    start = hf.get("decoder_start_token_id", DECODER_START_ID)
-    if start != DECODER_START_ID:
+    start = hf.get("decoder_start_token_id")
+    if start not in (None, DECODER_START_ID):
         raise ConversionError(
             f"config.json decoder_start_token_id={start}: jaxlm's seq2seq decoding starts from "
             f"id {DECODER_START_ID} (T5's pad); convert a model that starts there"
