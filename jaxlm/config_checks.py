@@ -91,6 +91,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; "
             "change one or set model.head_dim"
         )
+    if m.attention_scale < 0:
+        raise ConfigError(
+            f"config key 'model.attention_scale' must be >= 0, got {m.attention_scale}"
+        )
     kv = m.num_kv_heads or m.num_heads
     if m.num_heads % kv:
         raise ConfigError(
@@ -101,8 +105,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         what += f" + data.target_len={config.data.target_len}"
     if m.positions == "learned" and longest > m.max_len:
         raise ConfigError(f"{what} exceeds model.max_len={m.max_len}; raise model.max_len")
-    nonneg = ("model.num_decoder_layers", "model.num_classes", "model.attention_scale")
-    for key in (*nonneg, "train.hang_timeout"):
+    for key in ("model.num_decoder_layers", "model.num_classes", "train.hang_timeout"):
         if _get(config, key) < 0:
             raise ConfigError(f"config key {key!r} must be >= 0, got {_get(config, key)}")
     _validate_data(config.data)

@@ -54,6 +54,8 @@ class TransformerConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     attention_impl: str = "xla"
+    attention_scale: float = 0.0  # attention score scale; 0 = 1/sqrt(head_dim), T5: 1.0
+    scale_tied_output: bool = False  # hidden * d_model**-0.5 before the output projection (T5)
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
@@ -64,8 +66,6 @@ class TransformerConfig:
     relative_max_distance: int = 128  # positions=relative: offsets past this share a bucket
     num_classes: int = 0  # > 0 adds a classification head (`classify`)
     pooling: str = "auto"  # classification: first, mean, last; auto = first (encoder), last
-    attention_scale: float = 0.0  # attention score scale; 0 = 1/sqrt(head_dim), T5: 1.0
-    scale_tied_output: bool = False  # hidden * d_model**-0.5 before the output projection (T5)
 
     def __post_init__(self):
         for name, choices in (
