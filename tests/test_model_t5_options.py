@@ -2,16 +2,19 @@
 (model.scale_tied_output), in every attention path and through the config."""
 
 import math
+from dataclasses import replace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_config
-from test_families import build, compiled, tokens
+from flax import nnx
+from test_families import build, tokens
 
 from jaxlm import config as config_lib
 from jaxlm.models.attention import attention_reference, grouped_attention
+from jaxlm.models.families import build_model
 
 
 def _qkv(seed: int = 3):
@@ -24,18 +27,26 @@ def _qkv(seed: int = 3):
 
 def test_attention_scale_in_the_kernel_and_the_decoding_path():
     """scale=1.0 gives softmax(q.k) in the training kernel and in grouped (decoding) attention."""
+
+    @jax.jit  # one compile: op-by-op dispatch is what costs on a shared CPU
+    def all_paths(q, k, v):
+        causal_TS = jnp.tril(jnp.ones((8, 8), bool))
+        return (
+            attention_reference(q, k, v, causal=True, scale=1.0),
+            jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=1.0),
+            grouped_attention(q, k, v, causal_TS[None], scale=1.0),
+            attention_reference(q, k, v, causal=True),
+        )
+
     q, k, v = _qkv()
-    causal_TS = jnp.tril(jnp.ones((8, 8), bool))
-    ref = attention_reference(q, k, v, causal=True, scale=1.0)
-    kernel = jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=1.0)
-    grouped = grouped_attention(q, k, v, causal_TS[None], scale=1.0)
+    ref, kernel, grouped, default = map(np.asarray, all_paths(q, k, v))
     np.testing.assert_allclose(kernel, ref, atol=1e-5)
     np.testing.assert_allclose(grouped, ref, atol=1e-5)
     # The reference itself: head 0 of query 1 by hand, with an unscaled dot product.
-    p = jax.nn.softmax(jnp.einsum("h,sh->s", q[0, 1, 0], k[0, :2, 0]))
-    np.testing.assert_allclose(ref[0, 1, 0], p @ v[0, :2, 0], atol=1e-5)
-    default = attention_reference(q, k, v, causal=True)
-    assert float(jnp.max(jnp.abs(default - ref))) > 1e-2
+    s = np.asarray(q[0, 1, 0]) @ np.asarray(k[0, :2, 0]).T
+    p = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+    np.testing.assert_allclose(ref[0, 1, 0], p @ np.asarray(v[0, :2, 0]), atol=1e-5)
+    assert np.max(np.abs(default - ref)) > 1e-2
 
 
 def test_attention_scale_reaches_every_attention():
@@ -43,13 +54,26 @@ def test_attention_scale_reaches_every_attention():
 
     (Cached decoding with attention_scale=1.0 is tests/test_seq2seq_decode.py's.)
     """
-    x = jnp.asarray(tokens(0, (2, 8)))
-    default, cfg = build("encoder_decoder")
-    explicit, _ = build("encoder_decoder", attention_scale=1 / math.sqrt(cfg.head_dim))
-    unscaled, _ = build("encoder_decoder", attention_scale=1.0)
-    base = compiled(default)(x, x)
-    np.testing.assert_allclose(compiled(explicit)(x, x), base, atol=1e-6)
-    assert float(jnp.max(jnp.abs(compiled(unscaled)(x, x) - base))) > 1e-4
+    model, cfg = build("encoder_decoder")
+    _, params = nnx.split(model, nnx.Param)
+    # The same parameters under each scale (graphdefs only: no second init).
+    graphdefs = [
+        nnx.split(
+            nnx.eval_shape(
+                lambda s=s: build_model(replace(cfg, attention_scale=s), rngs=nnx.Rngs(0))
+            ),
+            nnx.Param,
+        )[0]
+        for s in (0.0, 1 / math.sqrt(cfg.head_dim), 1.0)
+    ]
+
+    @jax.jit
+    def logits(params, x):
+        return [nnx.merge(g, params)(x, x) for g in graphdefs]
+
+    base, explicit, unscaled = map(np.asarray, logits(params, jnp.asarray(tokens(0, (2, 8)))))
+    np.testing.assert_allclose(explicit, base, atol=1e-6)
+    assert np.max(np.abs(unscaled - base)) > 1e-4
 
 
 @pytest.mark.parametrize("family", ["decoder", "encoder_decoder"])
