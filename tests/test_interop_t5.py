@@ -18,7 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from jaxlm import objectives, tasks
 from jaxlm.generate import SamplingSettings, make_seq2seq_generate
-from jaxlm.interop import ConversionError, convert, export_hf, import_hf, load_hf, t5
+from jaxlm.interop import ConversionError, convert, export_hf, hf_files, import_hf, load_hf, t5
 from jaxlm.models.attention import relative_bucket
 from jaxlm.models.families import build_model
 
@@ -32,6 +32,7 @@ VARIANTS = {
     "v1.0": dict(feed_forward_proj="relu", tie_word_embeddings=True),
     "v1.1": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, num_decoder_layers=1),
 }
+ARCH = "T5ForConditionalGeneration"
 B, S, T, SRC_LEN_2 = 4, 128, 128, 77  # row 2 of the source is right-padded to 77 tokens
 
 
@@ -80,11 +81,16 @@ def _hf_logits(model, src, mask, dec) -> np.ndarray:
     return out.logits.numpy()
 
 
+def _split(cfg, params):
+    """(graphdef, nnx state) of cfg's model holding `params`, with no initialisation."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0))))
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+    return graphdef, state
+
+
 def _forward_and_cached(cfg, params):
     """jit(src, mask, dec) -> (teacher-forced logits, logits of cached decoding, 1 at a time)."""
-    model = build_model(cfg, rngs=nnx.Rngs(0))
-    nnx.update(model, params)
-    graphdef, state = nnx.split(model, nnx.Param)
+    graphdef, state = _split(cfg, params)
 
     @jax.jit
     def run(state, src, mask, dec):
@@ -261,7 +267,7 @@ def test_relative_bucket_equals_transformers(bidirectional, buckets, distance):
 def test_unsupported_configs_are_refused_naming_the_key(change, match):
     hf = {**COMMON, "feed_forward_proj": "relu", **change}
     with pytest.raises(ConversionError, match=match):
-        t5.config_from_hf(hf, "T5ForConditionalGeneration")
+        t5.config_from_hf(hf, ARCH)
 
 
 def test_mlp_kinds_both_ways():
@@ -278,17 +284,35 @@ def test_mlp_kinds_both_ways():
 
 def test_tied_head_that_differs_and_unrepresentable_exports_are_refused(v10):
     cfg = v10["cfg"]
-    tensors = t5.params_to_hf(v10["params"], cfg, "T5ForConditionalGeneration")
+    tensors = t5.params_to_hf(v10["params"], cfg, ARCH)
     # Older checkpoints carry tied copies and an unused cross-attention bias: accepted, dropped.
     old = dict(tensors)
     old["encoder.embed_tokens.weight"] = old["lm_head.weight"] = tensors["shared.weight"]
     old["decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"] = np.ones(4)
-    params = t5.params_from_hf(old, cfg, "T5ForConditionalGeneration")
+    params = t5.params_from_hf(old, cfg, ARCH)
     assert not old
     jax.tree.map(np.testing.assert_array_equal, params, v10["params"])
     tensors["lm_head.weight"] = tensors["shared.weight"] + 1
     with pytest.raises(ConversionError, match="lm_head.weight differs from shared.weight"):
-        t5.params_from_hf(tensors, cfg, "T5ForConditionalGeneration")
-    scaled = dataclasses.replace(cfg, attention_scale=0.0)
-    with pytest.raises(ConversionError, match="model.attention_scale=0.0: T5 needs"):
-        t5.config_to_hf(scaled, "T5ForConditionalGeneration", {})
+        t5.params_from_hf(tensors, cfg, ARCH)
+    with pytest.raises(
+        ConversionError, match="model.num_kv_heads=2: T5 needs model.num_kv_heads=4"
+    ):
+        t5.config_to_hf(dataclasses.replace(cfg, num_kv_heads=2), ARCH, {})
+
+
+def test_scaled_attention_exports_folded_into_the_query_kernels(v11, tmp_path):
+    """A jaxlm-native model (attention_scale 0: 1/sqrt(head_dim)) exports as an unscaled T5
+    whose logits are jaxlm's."""
+    cfg = dataclasses.replace(v11["cfg"], attention_scale=0.0)
+    hf_files.write_tensors(tmp_path, t5.params_to_hf(v11["params"], cfg, ARCH))
+    hf_files.write_json(tmp_path / "config.json", t5.config_to_hf(cfg, ARCH, {}))
+    src, mask, dec = (x[:2, :16] for x in _inputs())
+    graphdef, state = _split(cfg, v11["params"])
+    forward = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a[:2], encoder_segment_ids_BS=a[2]))
+    got = np.asarray(forward(state, src, dec, mask))
+    want = _hf_logits(
+        transformers.T5ForConditionalGeneration.from_pretrained(tmp_path), src, mask, dec
+    )
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    assert np.max(np.abs(want - _hf_logits(v11["hf"], src, mask, dec))) > 1e-3  # not v11 itself

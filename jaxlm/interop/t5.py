@@ -7,9 +7,11 @@ position bias computed by each stack's first block and shared by all (jaxlm: one
 stack), cross-attention without position bias, decoder started from the pad id 0.
 
 Layouts: torch Linear [out, in] -> jaxlm kernels [in, heads, head_dim]; d_kv (head_dim) may
-differ from d_model / num_heads. transformers 5 saves `scale_decoder_outputs` beside
-`tie_word_embeddings`; configs written by transformers 4 only have the latter (True: tied and
-scaled).
+differ from d_model / num_heads. A jaxlm model with scaled attention (attention_scale 0 or not
+1) exports with the scale folded into its query kernels (rounded once in float32: exact when
+the factor is a power of two, e.g. head_dim 16 or 64), so it imports back as attention_scale=1.0.
+transformers 5 saves `scale_decoder_outputs` beside `tie_word_embeddings`; configs written by
+transformers 4 only have the latter (True: tied and scaled).
 """
 
 from __future__ import annotations
@@ -101,7 +103,6 @@ def config_to_hf(cfg: TransformerConfig, architecture: str, special_ids: dict) -
         positions="relative",
         use_bias=False,
         share_embeddings=True,
-        attention_scale=1.0,
         num_kv_heads=cfg.num_heads,
         num_classes=0,
     )
@@ -209,10 +210,18 @@ def params_from_hf(tensors: dict, cfg: TransformerConfig, architecture: str) -> 
     return params
 
 
+def _query_scale(cfg: TransformerConfig) -> float:
+    """The attention scale T5 lacks (it attends unscaled), to fold into the query kernels."""
+    return cfg.attention_scale or cfg.head_dim**-0.5
+
+
 def _attention_to_hf(out: dict, a: dict, prefix: str, cfg: TransformerConfig) -> None:
-    inner = cfg.num_heads * cfg.head_dim
+    inner, scale = cfg.num_heads * cfg.head_dim, _query_scale(cfg)
     for ours, hf in (("query", "q"), ("key", "k"), ("value", "v")):
-        out[f"{prefix}{hf}.weight"] = a[ours]["kernel"].reshape(cfg.d_model, inner).T
+        kernel = a[ours]["kernel"].reshape(cfg.d_model, inner)
+        if ours == "query" and scale != 1.0:
+            kernel = kernel * np.asarray(scale, kernel.dtype)
+        out[f"{prefix}{hf}.weight"] = kernel.T
     out[prefix + "o.weight"] = a["out"]["kernel"].reshape(inner, cfg.d_model).T
 
 
