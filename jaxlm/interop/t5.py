@@ -195,11 +195,12 @@ def params_from_hf(tensors: dict, cfg: TransformerConfig, architecture: str) -> 
         copies.append("lm_head.weight")
     for name in copies:
         if not np.array_equal(tensors.pop(name), shared):
-            raise ConversionError(
-                f"{name} differs from shared.weight but T5 ties them (tie_word_embeddings="
-                f"{cfg.tie_embeddings}); set tie_word_embeddings=false in config.json if "
-                "lm_head.weight is a separate head"
+            fix = (
+                "set tie_word_embeddings=false in config.json: it is a separate head"
+                if name == "lm_head.weight"
+                else "T5 shares one table (transformers loads shared.weight); re-save the model"
             )
+            raise ConversionError(f"{name} differs from shared.weight, which it is tied to; {fix}")
     params = {
         "embed": {"embedding": shared},
         "encoder": _stack(tensors.pop, "encoder", cfg, cfg.num_layers),
