@@ -77,6 +77,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.dropout = 0.0  # dropout on attention and MLP outputs and on embeddings
     m.init_std = 0.02  # normal init std; residual output projections are scaled by 1/sqrt(2L)
     m.attention_impl = "xla"  # jax.nn.dot_product_attention implementation: xla or cudnn
+    m.attention_scale = 0.0  # attention score scale; 0: 1/sqrt(head_dim); T5: 1.0 (unscaled)
+    m.scale_tied_output = False  # decoder output * d_model**-0.5 before the vocab projection (T5)
     m.dtype = "bfloat16"  # compute dtype of activations and matmuls (CPU runs use float32)
     m.param_dtype = "float32"  # storage dtype of parameters (and so of optimizer state)
     m.remat = "none"  # activation checkpointing per block: none, full, or dots (save matmuls)

@@ -91,6 +91,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; "
             "change one or set model.head_dim"
         )
+    if m.attention_scale < 0:
+        raise ConfigError(
+            f"config key 'model.attention_scale' must be >= 0, got {m.attention_scale}"
+        )
     kv = m.num_kv_heads or m.num_heads
     if m.num_heads % kv:
         raise ConfigError(

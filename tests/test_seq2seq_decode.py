@@ -28,6 +28,7 @@ START = 0
         {"positions": "rope"},
         {"positions": "learned", "share_embeddings": False, "tie_embeddings": False},
         {"positions": "relative", "num_decoder_layers": 1},
+        {"positions": "relative", "attention_scale": 1.0, "scale_tied_output": True},
     ],
 )
 def test_cached_decoding_equals_teacher_forcing(overrides):

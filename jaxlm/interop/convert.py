@@ -36,7 +36,7 @@ from jaxlm import config as config_lib
 from jaxlm import sharding, state
 from jaxlm.checkpoint import Checkpointer, open_step
 from jaxlm.data import tokenizer as tokenizer_lib
-from jaxlm.interop import gpt2, hf_files, llama
+from jaxlm.interop import gpt2, hf_files, llama, t5
 from jaxlm.interop.hf_files import ConversionError
 from jaxlm.models.transformer import TransformerConfig
 
@@ -44,6 +44,7 @@ from jaxlm.models.transformer import TransformerConfig
 FAMILIES: tuple[ModuleType, ...] = (
     gpt2,
     llama,
+    t5,
 )
 # HF architecture (config.json "architectures") -> the family module converting it.
 ARCHITECTURES: dict[str, ModuleType] = {
@@ -80,6 +81,9 @@ def run_config(keys: dict, objective: str) -> ml_collections.ConfigDict:
     config.task.objective = objective
     config.model.dtype = "float32"  # what transformers computes in; bfloat16 is an override
     config.data.seq_len = min(config.model.max_len, _MAX_SEQ_LEN)
+    if objective in config_lib.EXAMPLE_OBJECTIVES:
+        # Example fields to read until the user names theirs (seqio's names; classify: label).
+        config.data.input_key, config.data.target_key = "inputs", "targets"
     config_lib.validate(config)
     return config
 

@@ -135,9 +135,15 @@ class Attention(nnx.Module):
         k_BSKH = sharding.constrain(self.key(src_BSD), axes)
         return {"k": k_BSKH, "v": sharding.constrain(self.value(src_BSD), axes)}
 
+    @property
+    def scale(self) -> float | None:
+        """The score scale: model.attention_scale, or None for 1/sqrt(head_dim) (0 in config)."""
+        return self.cfg.attention_scale or None
+
     def attend_cached(self, x_BTD, kv: dict, mask_BTS):
         """Cross-attention of T new tokens onto precomputed `project_kv` keys and values."""
-        return self.out(grouped_attention(self.query(x_BTD), kv["k"], kv["v"], mask_BTS))
+        q_BTNH = self.query(x_BTD)
+        return self.out(grouped_attention(q_BTNH, kv["k"], kv["v"], mask_BTS, scale=self.scale))
 
     def decode(self, x_BTD, cache: dict, index_B, bias_BNTS=None):
         """Causal self-attention of T new tokens against a KV cache; returns (out, cache).
@@ -162,7 +168,8 @@ class Attention(nnx.Module):
         mask_BTS = jnp.arange(s)[None, None, :] <= positions_BT[:, :, None]
         k_BSKH = sharding.constrain(cache["k"], ("batch", "length", "kv_heads", "kv"))
         v_BSKH = sharding.constrain(cache["v"], ("batch", "length", "kv_heads", "kv"))
-        out_BTD = self.out(grouped_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS))
+        o_BTNH = grouped_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, scale=self.scale)
+        out_BTD = self.out(o_BTNH)
         return out_BTD, cache
 
     def _attend(self, q_BTNH, k_BSKH, v_BSKH, mask_B1TS, causal: bool, bias_BNTS):
@@ -176,23 +183,24 @@ class Attention(nnx.Module):
             bias=bias_BNTS,
             mask=mask_B1TS,
             is_causal=causal,
+            scale=self.scale,
             implementation=self.cfg.attention_impl,
         )
         return self.out(o_BTNH)
 
 
-def grouped_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS=None):
+def grouped_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS=None, *, scale=None):
     """Softmax attention with query heads grouped onto their K/V head (G = N / K per group).
 
     Used for decoding: the cache is read once per step, never repeated per query head, which
     is what bounds a memory-bound decode step. Scores and softmax in fp32. `mask_BTS` may
-    broadcast ([B, 1, S] for cross-attention padding).
+    broadcast ([B, 1, S] for cross-attention padding). `scale` None is 1/sqrt(H).
     """
     b, t, n, h = q_BTNH.shape
     k = k_BSKH.shape[2]
     q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h)
     scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH).astype(jnp.float32)
-    scores_BKGTS = scores_BKGTS / jnp.sqrt(h)
+    scores_BKGTS = scores_BKGTS / jnp.sqrt(h) if scale is None else scores_BKGTS * scale
     if bias_BNTS is not None:
         scores_BKGTS = scores_BKGTS + bias_BNTS.reshape(-1, k, n // k, *bias_BNTS.shape[2:])
     scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, -1e30)
@@ -201,12 +209,18 @@ def grouped_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS=None):
     return o_BTKGH.reshape(b, t, n, h)
 
 
-def attention_reference(q_BTNH, k_BSKH, v_BSKH, mask_B1TS=None, causal: bool = False):
+def attention_reference(
+    q_BTNH, k_BSKH, v_BSKH, mask_B1TS=None, causal: bool = False, scale: float | None = None
+):
     """Plain softmax attention in fp32, for tests: the definition the kernels must match."""
     n, k = q_BTNH.shape[2], k_BSKH.shape[2]
     k_BSNH = jnp.repeat(k_BSKH, n // k, axis=2)
     v_BSNH = jnp.repeat(v_BSKH, n // k, axis=2)
-    scores_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH, k_BSNH) / jnp.sqrt(q_BTNH.shape[-1])
+    scores_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH, k_BSNH)
+    if scale is None:
+        scores_BNTS = scores_BNTS / jnp.sqrt(q_BTNH.shape[-1])
+    else:
+        scores_BNTS = scores_BNTS * scale
     t, s = scores_BNTS.shape[-2:]
     allowed = jnp.ones((1, 1, t, s), bool)
     if causal:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.models.heads import make_lm_head, vocab_logits
+from jaxlm.models.heads import make_lm_head, output_scale, vocab_logits
 from jaxlm.models.layers import Embed
 from jaxlm.models.transformer import Stack, TransformerConfig
 
@@ -95,7 +95,8 @@ class EncoderDecoder(nnx.Module):
         )
 
     def logits(self, h_BTD):
-        return vocab_logits(h_BTD, self.embed, None if self.cfg.tie_embeddings else self.lm_head)
+        lm_head = None if self.cfg.tie_embeddings else self.lm_head
+        return vocab_logits(h_BTD, self.embed, lm_head, scale=output_scale(self.cfg))
 
     def init_cache(self, memory_BSD, memory_segment_ids_BS, length: int) -> dict:
         """A decoding cache for rows of up to `length` target tokens over an encoded source.

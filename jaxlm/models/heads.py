@@ -24,8 +24,13 @@ def make_lm_head(cfg, rngs: nnx.Rngs) -> nnx.Param:
     return make_param(rngs, shape, ("embed", "vocab"), cfg.init_std, dtype_of(cfg.param_dtype))
 
 
-def vocab_logits(h_BTD, embed: Embed, lm_head: nnx.Param | None, bias_V=None):
-    """Logits [B, T, V] through the tied embedding (lm_head None) or an untied [D, V] head."""
+def vocab_logits(h_BTD, embed: Embed, lm_head: nnx.Param | None, bias_V=None, *, scale=None):
+    """Logits [B, T, V] through the tied embedding (lm_head None) or an untied [D, V] head.
+
+    `scale` multiplies the hidden states first (T5 v1.0: d_model**-0.5, see `output_scale`).
+    """
+    if scale is not None:
+        h_BTD = h_BTD * scale
     if lm_head is None:
         logits_BTV = embed.attend(h_BTD)
     else:
@@ -33,6 +38,11 @@ def vocab_logits(h_BTD, embed: Embed, lm_head: nnx.Param | None, bias_V=None):
     if bias_V is not None:
         logits_BTV = logits_BTV + bias_V[...].astype(logits_BTV.dtype)
     return sharding.constrain(logits_BTV, ("batch", "length", "vocab"))
+
+
+def output_scale(cfg) -> float | None:
+    """model.scale_tied_output's factor d_model**-0.5 (T5 v1.0 ties a tall embedding), or None."""
+    return cfg.d_model**-0.5 if cfg.scale_tied_output else None
 
 
 def pool(h_BTD, segment_ids_BT, how: str):

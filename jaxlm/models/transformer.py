@@ -23,6 +23,7 @@ from jaxlm.models.heads import (
     POOLINGS,
     ClassificationHead,
     make_lm_head,
+    output_scale,
     pool,
     split_key,
     vocab_logits,
@@ -53,6 +54,8 @@ class TransformerConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     attention_impl: str = "xla"
+    attention_scale: float = 0.0  # attention score scale; 0 = 1/sqrt(head_dim), T5: 1.0
+    scale_tied_output: bool = False  # hidden * d_model**-0.5 before the output projection (T5)
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
@@ -87,6 +90,15 @@ class TransformerConfig:
                 f"model.relative_buckets={self.relative_buckets} with relative_max_distance="
                 f"{self.relative_max_distance}: use at least 4 buckets and fewer than twice the "
                 "distance (T5: 32 and 128)"
+            )
+        if self.scale_tied_output and self.family == "encoder":
+            raise ValueError(
+                "model.scale_tied_output scales the decoder's output (decoder, encoder_decoder "
+                "families); leave it False for family=encoder"
+            )
+        if self.attention_scale < 0:
+            raise ValueError(
+                f"model.attention_scale={self.attention_scale}: use 0 (1/sqrt(head_dim)) or > 0"
             )
 
     @property
@@ -345,7 +357,8 @@ class TransformerLM(TokenLM):
         return self.logits(h_BTD), cache
 
     def logits(self, h_BTD):
-        return vocab_logits(h_BTD, self.embed, None if self.cfg.tie_embeddings else self.lm_head)
+        lm_head = None if self.cfg.tie_embeddings else self.lm_head
+        return vocab_logits(h_BTD, self.embed, lm_head, scale=output_scale(self.cfg))
 
     def classify(self, tokens_BT, *, segment_ids_BT=None, dropout_key=None):
         """Class logits [B, C] from the hidden state at each row's last real token."""
