@@ -36,13 +36,13 @@ from jaxlm import config as config_lib
 from jaxlm import sharding, state
 from jaxlm.checkpoint import Checkpointer, open_step
 from jaxlm.data import tokenizer as tokenizer_lib
-from jaxlm.interop import gpt2, hf_files, llama
+from jaxlm.interop import bert, gpt2, hf_files, llama
 from jaxlm.interop.hf_files import ConversionError
 from jaxlm.models.transformer import TransformerConfig
 
 # HF architecture (config.json "architectures") -> the family module converting it.
 ARCHITECTURES: dict[str, ModuleType] = {
-    name: module for module in (gpt2, llama) for name in module.ARCHITECTURES
+    name: module for module in (gpt2, llama, bert) for name in module.ARCHITECTURES
 }
 # Tokenizer files a Hugging Face folder may hold (see jaxlm/data/tokenizer.py's load).
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model")
@@ -71,6 +71,11 @@ def run_config(model_keys: dict, objective: str) -> ml_collections.ConfigDict:
             raise ConversionError(f"converter returned unknown key model.{key}")
         config.model[key] = value
     config.task.objective = objective
+    if objective in config_lib.EXAMPLE_OBJECTIVES:  # field names a fine-tuning run overrides
+        config.data.input_key = "text"
+        config.data.target_key = "target" if objective == "seq2seq" else ""
+    # The run keeps the model's tokenizer; a config trained from scratch would need a <mask>.
+    config.data.tokenizer_mask = objective == "mlm"
     config.model.dtype = "float32"  # what transformers computes in; bfloat16 is an override
     config.data.seq_len = min(config.model.max_len, _MAX_SEQ_LEN)
     config_lib.validate(config)
