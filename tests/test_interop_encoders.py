@@ -152,6 +152,7 @@ def test_export_loads_in_transformers_and_round_trips(imported, arch, tmp_path):
     out = export_hf(m.run_dir, tmp_path / "fp32", max_shard_size="40KB")
     assert len(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]) > 1
     assert len(list(out.glob("model-*.safetensors"))) > 1
+    assert json.loads((out / "config.json").read_text())["architectures"] == [arch]
     model, info = auto.from_pretrained(out, output_loading_info=True)
     assert {k: list(v) for k, v in info.items()} == {
         "missing_keys": [],
@@ -248,11 +249,12 @@ def test_imported_classifier_fine_tunes_resumes_and_exports(imported, tmp_path, 
     full = train.train(config, tmp_path / "full")
     out = capsys.readouterr().out
     assert f"init_from {m.run_dir} step 0: loaded" in out and "new:" not in out
-    config.train.stop_at = 2
-    assert train.train(config, tmp_path / "split") == {"step": 2, "stopped": True}
-    config.train.stop_at = 0
+    # A run stopped after its step-2 checkpoint (a copy without the later one) resumes exactly.
+    shutil.copytree(tmp_path / "full", tmp_path / "split")
+    shutil.rmtree(tmp_path / "split" / "checkpoints" / "4")
     rest = train.train(config, tmp_path / "split")
     assert rest["step"] == 4 and rest["eval/loss"] == full["eval/loss"]
+    assert "init_from" not in capsys.readouterr().out  # resuming reads its own checkpoint
     _, cfg, tuned, _ = convert.run_params(tmp_path / "full")
     resumed = convert.run_params(tmp_path / "split")[2]
     for a, b in zip(jax.tree.leaves(tuned), jax.tree.leaves(resumed), strict=True):
