@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import losses_after, tiny_config
 from flax import nnx
 from scipy.special import erf
 from test_families import build, compiled, segments, tokens
@@ -172,3 +173,19 @@ def test_bad_option_values_are_one_line_errors():
     c.model.classifier_activation = "gelu"
     with pytest.raises(ConfigError, match="'model.classifier_activation' is 'gelu'; choose one"):
         config_lib.validate(c)
+
+
+def test_bert_style_mlm_trains_from_scratch_sharded_and_chunked(tmp_path):
+    """Three MLM steps with every option, vocabulary logits 3 positions at a time on a 2x2x2
+    mesh, equal whole logits on one device: the new parameters shard by their logical axes."""
+    c = tiny_config(objective="mlm")
+    config_lib.gpt2_style(c.model)
+    for key, value in BERT.items():
+        if key not in ("num_kv_heads", "num_classes"):
+            setattr(c.model, key, value)
+    want = losses_after(c, jax.devices()[:1], tmp_path / "whole")
+    c.task.logits_chunk = 3
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+    got = losses_after(c, None, tmp_path / "chunked")
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert got[-1] < got[0]
