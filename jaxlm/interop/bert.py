@@ -131,7 +131,9 @@ def config_from_hf(hf: dict, architecture: str) -> dict:
             )
     if fam == "distilbert":
         d, n, eps = hf["dim"], hf["n_heads"], _DISTIL_EPS
-        shape = dict(num_layers=hf["n_layers"], d_ff=hf["hidden_dim"], dropout=hf["dropout"])
+        shape = dict(
+            num_layers=hf["n_layers"], d_ff=hf["hidden_dim"], dropout=hf.get("dropout", 0.1)
+        )
         types = 0
     else:
         d, n, eps = hf["hidden_size"], hf["num_attention_heads"], hf.get("layer_norm_eps", 1e-12)
