@@ -166,7 +166,16 @@ def config_from_hf(hf: dict, architecture: str) -> dict:
         "num_classes": num_classes,
         "pooling": "first",
         "classifier_activation": "relu" if fam == "distilbert" else "tanh",
+        **_data_keys(architecture),
     }
+
+
+def _data_keys(architecture: str) -> dict:
+    """What the run config needs to validate: the run keeps the model's own tokenizer (with its
+    [MASK]), but a config training from scratch would need one; classifiers read examples."""
+    if _is_mlm(architecture):
+        return {"data.tokenizer_mask": True}
+    return {"data.input_key": "text", "data.label_key": "label"}
 
 
 def _check_representable(cfg: TransformerConfig, architecture: str) -> None:

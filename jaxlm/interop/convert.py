@@ -8,7 +8,7 @@ temporary folder beside the target and rename it at the end: a failure leaves no
 
 A family module (gpt2.py, llama.py, bert.py, t5.py) defines, for the HF classes it lists in
 `ARCHITECTURES` (class name -> task.objective):
-  config_from_hf(hf, architecture) -> dict of model.* keys
+  config_from_hf(hf, architecture) -> dict of model.* keys (other sections' keys dotted)
   params_from_hf(tensors, cfg, architecture) -> jaxlm's parameter tree (nested dict, blocks by
       int index), popping from `tensors` every tensor it uses; a tensor it needs and lacks is a
       KeyError; what is left afterwards is refused as unexpected here
@@ -40,9 +40,15 @@ from jaxlm.interop import bert, gpt2, hf_files, llama
 from jaxlm.interop.hf_files import ConversionError
 from jaxlm.models.transformer import TransformerConfig
 
+# The family modules, one a line; export tries their architectures in this order.
+FAMILIES: tuple[ModuleType, ...] = (
+    gpt2,
+    llama,
+    bert,
+)
 # HF architecture (config.json "architectures") -> the family module converting it.
 ARCHITECTURES: dict[str, ModuleType] = {
-    name: module for module in (gpt2, llama, bert) for name in module.ARCHITECTURES
+    name: module for module in FAMILIES for name in module.ARCHITECTURES
 }
 # Tokenizer files a Hugging Face folder may hold (see jaxlm/data/tokenizer.py's load).
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model")
@@ -62,20 +68,17 @@ def architecture_of(hf: dict, where: object) -> tuple[str, ModuleType]:
     return names[0], ARCHITECTURES[names[0]]
 
 
-def run_config(model_keys: dict, objective: str) -> ml_collections.ConfigDict:
-    """A jaxlm run config for a converted model: the base config with its model.* keys."""
+def run_config(keys: dict, objective: str) -> ml_collections.ConfigDict:
+    """A jaxlm run config for a converted model: the base config with the converter's keys
+    (model.* keys by name, keys of other sections dotted: "data.tokenizer_mask")."""
     config = config_lib.base_config()
-    keys = dict(model_keys)
     for key, value in keys.items():
-        if key not in config.model:
-            raise ConversionError(f"converter returned unknown key model.{key}")
-        config.model[key] = value
+        section, _, leaf = key.rpartition(".")
+        group = config[section or "model"]
+        if leaf not in group or isinstance(group[leaf], ml_collections.ConfigDict):
+            raise ConversionError(f"converter returned unknown config key {key!r}")
+        group[leaf] = value
     config.task.objective = objective
-    if objective in config_lib.EXAMPLE_OBJECTIVES:  # field names a fine-tuning run overrides
-        config.data.input_key = "text"
-        config.data.target_key = "target" if objective == "seq2seq" else ""
-    # The run keeps the model's tokenizer; a config trained from scratch would need a <mask>.
-    config.data.tokenizer_mask = objective == "mlm"
     config.model.dtype = "float32"  # what transformers computes in; bfloat16 is an override
     config.data.seq_len = min(config.model.max_len, _MAX_SEQ_LEN)
     config_lib.validate(config)
@@ -84,6 +87,7 @@ def run_config(model_keys: dict, objective: str) -> ml_collections.ConfigDict:
 
 def load_hf(hf_dir: str | Path) -> tuple[ml_collections.ConfigDict, dict]:
     """(run config, parameters as float32 numpy arrays in jaxlm's tree) of an HF folder."""
+    hf_dir = Path(hf_dir).expanduser()
     hf = hf_files.read_config(hf_dir)
     name, module = architecture_of(hf, hf_dir)
     try:
@@ -131,6 +135,7 @@ def checked_params(params: dict, cfg: TransformerConfig, where: object) -> dict:
 
 def hf_tokenizer(hf_dir: str | Path) -> tokenizer_lib.TokenizerAPI | None:
     """The folder's tokenizer, or None when it has no tokenizer files."""
+    hf_dir = Path(hf_dir).expanduser()
     if not any((Path(hf_dir) / n).is_file() for n in _TOKENIZER_FILES):
         return None
     return tokenizer_lib.load(hf_dir)
@@ -156,7 +161,7 @@ def _building(target: Path):
 
 def import_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
     """Convert an HF folder into a new jaxlm run directory (step 0); returns its path."""
-    run_dir = Path(run_dir)
+    hf_dir, run_dir = Path(hf_dir).expanduser(), Path(run_dir).expanduser()
     if run_dir.exists():
         raise ConversionError(f"{run_dir} exists; pass a new --workdir (nothing was written)")
     config, params = load_hf(hf_dir)
@@ -169,7 +174,7 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
         )
     if tok is None:  # token ids only: evaluation reads synthetic rows of the same vocabulary
         config.data.source = "synthetic"
-    name = hf_files.read_config(hf_dir)["architectures"][0]
+    name = hf_files.read_config(hf_dir)["architectures"][0]  # load_hf checked it
     cfg = config_lib.model_config(config, vocab)
     with _building(run_dir) as tmp:
         if tok is not None:
@@ -249,7 +254,8 @@ def export_hf(
     None picks the first one that represents the model."""
     if dtype not in hf_files.DTYPES:
         raise ConversionError(f"dtype={dtype!r}: export as one of {', '.join(hf_files.DTYPES)}")
-    if Path(out_dir).exists():
+    run_dir, out_dir = Path(run_dir).expanduser(), Path(out_dir).expanduser()
+    if out_dir.exists():
         raise ConversionError(f"{out_dir} exists; pass a new output folder (nothing was written)")
     if max_shard_size is not None:
         hf_files.parse_size(max_shard_size)
@@ -265,9 +271,9 @@ def export_hf(
         hf = ARCHITECTURES[architecture].config_to_hf(cfg, architecture, ids)
     tensors = ARCHITECTURES[architecture].params_to_hf(params, cfg, architecture)
     hf["dtype"] = dtype
-    with _building(Path(out_dir)) as tmp:
+    with _building(out_dir) as tmp:
         hf_files.write_tensors(tmp, tensors, dtype, max_shard_size)
         hf_files.write_json(tmp / hf_files.CONFIG, hf)
         if tok is not None:
             hf_files.write_tokenizer(tmp, tok, cfg.max_len)
-    return Path(out_dir)
+    return out_dir

@@ -57,6 +57,8 @@ def config_from_hf(hf: dict, architecture: str) -> dict:
         "positions": "learned",
         "use_bias": True,
         "tie_embeddings": hf.get("tie_word_embeddings", True),
+        "dropout": hf.get("resid_pdrop", 0.1),  # what fine-tuning in transformers applies
+        "init_std": hf.get("initializer_range", 0.02),  # for heads a fine-tuning run adds
     }
 
 

@@ -8,6 +8,8 @@ needed: torch Linear [out, in] -> jaxlm kernel [in, heads, head_dim].
 
 from __future__ import annotations
 
+import numpy as np
+
 from jaxlm.interop.hf_files import ConversionError
 from jaxlm.models.transformer import TransformerConfig
 
@@ -58,6 +60,8 @@ def config_from_hf(hf: dict, architecture: str) -> dict:
         "rope_theta": _rope_theta(hf),
         "use_bias": False,
         "tie_embeddings": hf.get("tie_word_embeddings", False),
+        "dropout": hf.get("attention_dropout", 0.0),
+        "init_std": hf.get("initializer_range", 0.02),  # for heads a fine-tuning run adds
     }
 
 
@@ -138,6 +142,11 @@ def params_from_hf(tensors: dict, cfg: TransformerConfig, architecture: str) -> 
         if head is None:
             raise KeyError("lm_head.weight")
         params["lm_head"] = head.T
+    elif head is not None and not np.array_equal(head, params["embed"]["embedding"]):
+        raise ConversionError(
+            "lm_head.weight differs from model.embed_tokens.weight but config.json says "
+            "tie_word_embeddings=true; set it to false to keep both"
+        )
     return params
 
 
