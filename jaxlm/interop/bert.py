@@ -38,14 +38,9 @@ _ACTS_BACK = {"gelu_exact": "gelu", "gelu": "gelu_new", "relu": "relu"}
 _DISTIL_EPS = 1e-12  # DistilBERT's LayerNorms do not read the config
 # Options jaxlm's encoder does not compute, with the value it needs.
 _MUST = {
-    "bert": {
-        "position_embedding_type": "absolute",
-        "is_decoder": False,
-        "add_cross_attention": False,
-    },
-    "distilbert": {"sinusoidal_pos_embds": False},
+    "bert": dict(position_embedding_type="absolute", is_decoder=False, add_cross_attention=False),
+    "distilbert": dict(sinusoidal_pos_embds=False),
 }
-_PROBLEM_TYPES = (None, "single_label_classification")
 
 # HF names of each family: embeddings, one layer's sublayers, heads.
 _NAMES = {
@@ -124,7 +119,7 @@ def config_from_hf(hf: dict, architecture: str) -> dict:
     num_classes = 0
     if not _is_mlm(architecture):
         num_classes = _num_labels(hf)
-        if hf.get("problem_type") not in _PROBLEM_TYPES or num_classes < 2:
+        if hf.get("problem_type") not in (None, "single_label_classification") or num_classes < 2:
             raise ConversionError(
                 f"config.json problem_type={hf.get('problem_type')!r} with num_labels="
                 f"{num_classes}: jaxlm classifies single labels (softmax over >= 2 classes)"
