@@ -36,7 +36,7 @@ from jaxlm import config as config_lib
 from jaxlm import sharding, state
 from jaxlm.checkpoint import Checkpointer, open_step
 from jaxlm.data import tokenizer as tokenizer_lib
-from jaxlm.interop import gpt2, hf_files, llama, t5
+from jaxlm.interop import bert, gpt2, hf_files, llama, t5
 from jaxlm.interop.hf_files import ConversionError
 from jaxlm.models.transformer import TransformerConfig
 
@@ -44,6 +44,7 @@ from jaxlm.models.transformer import TransformerConfig
 FAMILIES: tuple[ModuleType, ...] = (
     gpt2,
     llama,
+    bert,
     t5,
 )
 # HF architecture (config.json "architectures") -> the family module converting it.
