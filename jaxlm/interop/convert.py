@@ -73,6 +73,10 @@ def run_config(keys: dict, objective: str) -> ml_collections.ConfigDict:
     """A jaxlm run config for a converted model: the base config with the converter's keys
     (model.* keys by name, keys of other sections dotted: "data.tokenizer_mask")."""
     config = config_lib.base_config()
+    if objective in config_lib.EXAMPLE_OBJECTIVES:
+        # Example fields to read until the user names theirs (seqio's names; a converter's
+        # own keys below win: BERT classifiers read "text").
+        config.data.input_key, config.data.target_key = "inputs", "targets"
     for key, value in keys.items():
         section, _, leaf = key.rpartition(".")
         group = config[section or "model"]
@@ -82,9 +86,6 @@ def run_config(keys: dict, objective: str) -> ml_collections.ConfigDict:
     config.task.objective = objective
     config.model.dtype = "float32"  # what transformers computes in; bfloat16 is an override
     config.data.seq_len = min(config.model.max_len, _MAX_SEQ_LEN)
-    if objective in config_lib.EXAMPLE_OBJECTIVES:
-        # Example fields to read until the user names theirs (seqio's names; classify: label).
-        config.data.input_key, config.data.target_key = "inputs", "targets"
     config_lib.validate(config)
     return config
 
