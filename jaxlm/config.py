@@ -98,6 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
     k.noise_density = 0.15  # span_corruption: share of tokens dropped into spans (T5: 0.15)
     k.mean_span_length = 3.0  # span_corruption: mean noise span length in tokens (T5: 3)
     k.class_weights = ()  # classify: per-class loss weights (empty: all 1)
+    k.class_names = ()  # classify: a name per class in label order (HF id2label); empty: none
     # Token losses project hidden states to the vocabulary this many positions at a time,
     # recomputing each block in the backward pass, so [B, T, V] logits never exist whole; 0: all.
     k.logits_chunk = 0
