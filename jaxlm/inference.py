@@ -11,6 +11,9 @@ numbers; for seq2seq it also decodes the validation inputs for BLEU (jaxlm/seq2s
     lm.generate(["import "], max_length=50, num_return_sequences=5)  # transformers' names
     clf.classify(["a fine film"])  # class probabilities (runs with a classification head)
     mlm.fill_mask("def f(x):\\n    <mask> x\\n")  # top tokens per mask (encoder runs)
+
+`LanguageModel.from_pretrained(hf_dir)` converts a Hugging Face folder in memory
+(jaxlm/interop/); `jaxlm-convert import` writes it as a run directory instead.
 """
 
 from __future__ import annotations
@@ -28,7 +31,17 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlm import config as config_lib
-from jaxlm import eval_loop, monitor, predict, seq2seq_eval, sharding, state, train, transforms
+from jaxlm import (
+    eval_loop,
+    interop,
+    monitor,
+    predict,
+    seq2seq_eval,
+    sharding,
+    state,
+    train,
+    transforms,
+)
 from jaxlm.checkpoint import Checkpointer, open_step
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.data.types import EOS_ID
@@ -123,11 +136,7 @@ class LanguageModel:
     @classmethod
     def load(cls, workdir: str | Path, step: int | None = None, overrides=(), devices=None):
         config = run_config(workdir, overrides)
-        if config.model.family not in ("decoder", "encoder"):
-            raise ValueError(
-                f"{workdir} trained a model.family={config.model.family} model; LanguageModel "
-                "serves decoders and encoders: evaluate it with jaxlm-eval (inference.evaluate_run)"
-            )
+        _check_family(config, f"{workdir} trained")
         names = transforms.check(config_lib.transform_names(config))
         tok_path = tokenizer_lib.run_file(workdir)  # tokenizer.model or tokenizer.json
         tokenizer = None if tok_path is None else tokenizer_lib.load(tok_path)
@@ -145,6 +154,23 @@ class LanguageModel:
         finally:
             ckpt.close()
         return cls(config, model, params, tokenizer, step)
+
+    @classmethod
+    def from_pretrained(cls, hf_dir: str | Path, overrides=(), devices=None):
+        """A Hugging Face model folder (GPT-2, LLaMA, ...: jaxlm/interop/), converted in memory
+        with its tokenizer; no run directory is written."""
+        config, params = interop.load_hf(hf_dir)
+        config_lib.apply_overrides(config, overrides)
+        config_lib.validate(config)
+        config = config_lib.for_platform(config, jax.devices()[0].platform)
+        _check_family(config, f"{hf_dir} holds")
+        tokenizer = interop.convert.hf_tokenizer(hf_dir)
+        mesh = sharding.mesh_from_config(config.mesh, devices)
+        cfg = config_lib.model_config(config, config.model.vocab_size)
+        model = ModelState.build(cfg, mesh, config.mesh.rules)
+        names = transforms.check(config_lib.transform_names(config))
+        params, model = model.transformed(jax.device_put(params, model.shardings), names)
+        return cls(config, model, params, tokenizer, 0)
 
     @property
     def context_len(self) -> int:
@@ -394,6 +420,14 @@ class LanguageModel:
         if key not in cache:
             cache[key] = make(self.state.graphdef, *args)
         return cache[key]
+
+
+def _check_family(config, where: str) -> None:
+    if config.model.family not in ("decoder", "encoder"):
+        raise ValueError(
+            f"{where} a model.family={config.model.family} model; LanguageModel serves decoders "
+            "and encoders: evaluate it with jaxlm-eval (inference.evaluate_run)"
+        )
 
 
 def write_eval_record(workdir: str | Path, record: dict, split: str) -> None:
