@@ -86,6 +86,11 @@ def base_config() -> ml_collections.ConfigDict:
     m.relative_max_distance = 128  # positions=relative: offsets past this share a bucket
     m.num_classes = 0  # > 0 adds a classification head (not trained by lm or mlm)
     m.pooling = "auto"  # classification pooling: first, mean, last; auto: first (encoder), last
+    m.block_norm = "pre"  # pre: x + f(norm(x)), final norm; post (BERT): norm(x + f(x)), none
+    m.embed_norm = False  # a norm after the token + position (+ type) embeddings (BERT)
+    m.type_vocab_size = 0  # encoder: > 0 adds token-type embeddings, type 0 by default (BERT: 2)
+    m.mlm_transform = False  # encoder: dense + MLP activation + norm before the vocab (BERT)
+    m.classifier_activation = "tanh"  # after the head's first dense: tanh (BERT), relu (DistilBERT)
     # Parameter transforms applied when this run's checkpoint is loaded for use (eval, generate,
     # init_from; not resume): comma-separated names of jaxlm/transforms.py or package.module:fn.
     m.transforms = ""

@@ -23,6 +23,8 @@ CHOICES = {
     "model.family": ("decoder", "encoder", "encoder_decoder"),
     "model.positions": ("rope", "learned", "relative"),
     "model.pooling": ("auto", "first", "mean", "last"),
+    "model.block_norm": ("pre", "post"),
+    "model.classifier_activation": ("tanh", "relu"),
     "model.attention_impl": ("xla", "cudnn"),
     "model.dtype": ("bfloat16", "float32"),
     "model.param_dtype": ("float32", "bfloat16"),
@@ -101,7 +103,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         what += f" + data.target_len={config.data.target_len}"
     if m.positions == "learned" and longest > m.max_len:
         raise ConfigError(f"{what} exceeds model.max_len={m.max_len}; raise model.max_len")
-    for key in ("model.num_decoder_layers", "model.num_classes", "train.hang_timeout"):
+    for key in (
+        "model.num_decoder_layers",
+        "model.num_classes",
+        "model.type_vocab_size",
+        "train.hang_timeout",
+    ):
         if _get(config, key) < 0:
             raise ConfigError(f"config key {key!r} must be >= 0, got {_get(config, key)}")
     _validate_data(config.data)

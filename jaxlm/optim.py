@@ -37,7 +37,7 @@ def weight_decay_mask(params, optim):
         parts = name.split("/")
         if any(p.endswith("norm") for p in parts):
             return optim.decay_norms
-        if parts[0] in ("embed", "pos_embed"):
+        if parts[0] in ("embed", "pos_embed", "type_embed"):
             return optim.decay_embeddings
         if parts[-1] == "bias":
             return optim.decay_biases

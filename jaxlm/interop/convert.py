@@ -36,7 +36,7 @@ from jaxlm import config as config_lib
 from jaxlm import sharding, state
 from jaxlm.checkpoint import Checkpointer, open_step
 from jaxlm.data import tokenizer as tokenizer_lib
-from jaxlm.interop import gpt2, hf_files, llama
+from jaxlm.interop import bert, gpt2, hf_files, llama
 from jaxlm.interop.hf_files import ConversionError
 from jaxlm.models.transformer import TransformerConfig
 
@@ -44,6 +44,7 @@ from jaxlm.models.transformer import TransformerConfig
 FAMILIES: tuple[ModuleType, ...] = (
     gpt2,
     llama,
+    bert,
 )
 # HF architecture (config.json "architectures") -> the family module converting it.
 ARCHITECTURES: dict[str, ModuleType] = {
@@ -78,6 +79,11 @@ def run_config(keys: dict, objective: str) -> ml_collections.ConfigDict:
             raise ConversionError(f"converter returned unknown config key {key!r}")
         group[leaf] = value
     config.task.objective = objective
+    if objective in config_lib.EXAMPLE_OBJECTIVES:  # field names a fine-tuning run overrides
+        config.data.input_key = "text"
+        config.data.target_key = "target" if objective == "seq2seq" else ""
+    # The run keeps the model's tokenizer; a config trained from scratch would need a <mask>.
+    config.data.tokenizer_mask = objective == "mlm"
     config.model.dtype = "float32"  # what transformers computes in; bfloat16 is an override
     config.data.seq_len = min(config.model.max_len, _MAX_SEQ_LEN)
     config_lib.validate(config)

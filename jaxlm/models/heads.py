@@ -13,9 +13,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm import sharding
-from jaxlm.models.layers import DenseGeneral, Embed, dropout, dtype_of, make_param
+from jaxlm.models.layers import (
+    MLP_KINDS,
+    DenseGeneral,
+    Embed,
+    dropout,
+    dtype_of,
+    make_norm,
+    make_param,
+)
 
 POOLINGS = ("auto", "first", "mean", "last")
+# The classification head's activation after its first dense layer: BERT's pooler (tanh) or
+# DistilBERT's pre_classifier (ReLU).
+CLASSIFIER_ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu}
 
 
 def make_lm_head(cfg, rngs: nnx.Rngs) -> nnx.Param:
@@ -53,19 +64,37 @@ def pool(h_BTD, segment_ids_BT, how: str):
 
 
 class ClassificationHead(nnx.Module):
-    """Pooled [B, D] -> dense + tanh (BERT's pooler) -> dropout -> [B, C] logits."""
+    """Pooled [B, D] -> dense + tanh (BERT's pooler) or ReLU (DistilBERT) -> dropout -> [B, C]."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         d, c = cfg.d_model, cfg.num_classes
         common = dict(use_bias=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-        self.rate = cfg.dropout
+        self.rate, self.activation = cfg.dropout, cfg.classifier_activation
         # The class axis is small and rarely divides a mesh axis, so it stays replicated.
         self.pooler = DenseGeneral((d,), (d,), ("embed", None), std=cfg.init_std, **common)
         self.out = DenseGeneral((d,), (c,), ("embed", None), std=cfg.init_std, **common)
 
     def __call__(self, pooled_BD, dropout_key: jax.Array | None = None):
-        h_BD = jnp.tanh(self.pooler(pooled_BD))
+        h_BD = CLASSIFIER_ACTIVATIONS[self.activation](self.pooler(pooled_BD))
         return self.out(dropout(h_BD, self.rate, dropout_key))
+
+
+class MLMTransform(nnx.Module):
+    """BERT's MLM transform before the vocabulary projection: dense D -> D, activation, norm.
+
+    The activation is the MLP's (BERT: gelu_exact); for gated kinds, their gate activation.
+    """
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        d, common = cfg.d_model, dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.act = MLP_KINDS[cfg.mlp][0]
+        self.dense = DenseGeneral(
+            (d,), (d,), ("embed", None), std=cfg.init_std, use_bias=cfg.use_bias, **common
+        )
+        self.norm = make_norm(cfg.norm, d, eps=cfg.norm_eps, use_bias=cfg.use_bias, **common)
+
+    def __call__(self, h_BTD):
+        return self.norm(self.act(self.dense(h_BTD)))
 
 
 def split_key(dropout_key: jax.Array | None) -> tuple:

@@ -2,8 +2,10 @@
 
 Shape legend: B batch, T length, S memory (encoder) length, D d_model, N heads, V vocabulary,
 C classes. A `Block` is pre-norm (x + attn(norm(x)), [x + cross_attn(norm(x), memory)],
-x + mlp(norm(x))). A `Stack` is what every family shares: position embedding or bias, blocks and
-the final norm; `causal` picks decoder or encoder attention and `cross` adds cross-attention.
+x + mlp(norm(x))) or, with block_norm="post" (BERT), post-norm (norm(x + attn(x)), ...). A
+`Stack` is what every family shares: position embedding or bias, an optional embedding norm,
+blocks and the final norm (pre-norm only); `causal` picks decoder or encoder attention and
+`cross` adds cross-attention.
 `TransformerLM` is a causal stack with a token embedding and an LM head; the encoder-only and
 encoder-decoder families (encoder.py, encoder_decoder.py) reuse the same stack. The model never
 reads a ConfigDict: it takes the frozen `TransformerConfig` that jaxlm.config.model_config builds.
@@ -20,6 +22,7 @@ from flax import nnx
 from jaxlm import sharding
 from jaxlm.models.attention import Attention, RelativePositionBias, cross_mask, segment_mask
 from jaxlm.models.heads import (
+    CLASSIFIER_ACTIVATIONS,
     POOLINGS,
     ClassificationHead,
     make_lm_head,
@@ -31,6 +34,7 @@ from jaxlm.models.layers import MLP, MLP_KINDS, Embed, dropout, dtype_of, make_n
 
 FAMILIES = ("decoder", "encoder", "encoder_decoder")
 POSITIONS = ("rope", "learned", "relative")
+BLOCK_NORMS = ("pre", "post")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +67,11 @@ class TransformerConfig:
     relative_max_distance: int = 128  # positions=relative: offsets past this share a bucket
     num_classes: int = 0  # > 0 adds a classification head (`classify`)
     pooling: str = "auto"  # classification: first, mean, last; auto = first (encoder), last
+    block_norm: str = "pre"  # pre: x + f(norm(x)); post (BERT): norm(x + f(x)), no final norm
+    embed_norm: bool = False  # a norm after the token + position (+ type) embeddings (BERT)
+    type_vocab_size: int = 0  # encoder: > 0 adds token-type embeddings (BERT: 2)
+    mlm_transform: bool = False  # encoder: dense + activation + norm before the vocab (BERT)
+    classifier_activation: str = "tanh"  # tanh (BERT's pooler) or relu (DistilBERT)
 
     def __post_init__(self):
         for name, choices in (
@@ -70,6 +79,8 @@ class TransformerConfig:
             ("positions", POSITIONS),
             ("pooling", POOLINGS),
             ("mlp", tuple(MLP_KINDS)),
+            ("block_norm", BLOCK_NORMS),
+            ("classifier_activation", tuple(CLASSIFIER_ACTIVATIONS)),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(
@@ -79,6 +90,11 @@ class TransformerConfig:
             raise ValueError(
                 "model.num_classes is for the encoder and decoder families; train an "
                 "encoder_decoder model to emit the label as text instead"
+            )
+        if (self.type_vocab_size or self.mlm_transform) and self.family != "encoder":
+            raise ValueError(
+                "model.type_vocab_size and model.mlm_transform are for the encoder family; "
+                "set them to 0 / False"
             )
         if self.positions == "relative" and not (
             4 <= self.relative_buckets < 2 * self.relative_max_distance
@@ -113,15 +129,20 @@ class TransformerConfig:
             self.positions, self.relative_buckets * self.num_heads
         )
         stacks = 1 + (self.family == "encoder_decoder")
-        total = self.num_layers * block + norm + v * d * (1 if self.tie_embeddings else 2)
+        total = self.num_layers * block + v * d * (1 if self.tie_embeddings else 2)
+        # Per stack: the final norm (pre-norm blocks only) and the embedding norm.
+        total += stacks * norm * ((self.block_norm == "pre") + self.embed_norm)
         if self.family == "encoder":
             total += v  # the MLM output bias
+        if self.mlm_transform:
+            total += d * d + (d if b else 0) + norm
         if self.family == "encoder_decoder":
-            total += self.decoder_layers * (block + attn + norm) + norm
+            total += self.decoder_layers * (block + attn + norm)
             total += 0 if self.share_embeddings else v * d
         if self.num_classes:
             total += d * d + d + d * self.num_classes + self.num_classes
-        return total + (stacks * positions if embeddings else 0)
+        tables = stacks * positions + self.type_vocab_size * d  # lookups, no matmul
+        return total + (tables if embeddings else 0)
 
 
 REMAT_POLICIES = {
@@ -136,7 +157,7 @@ class Block(nnx.Module):
         make = lambda: make_norm(
             cfg.norm, cfg.d_model, param_dtype=cfg.param_dtype, rngs=rngs, **norm
         )
-        self.rate, self.cross = cfg.dropout, cross
+        self.rate, self.cross, self.post = cfg.dropout, cross, cfg.block_norm == "post"
         self.attn_norm = make()
         self.attn = Attention(cfg, rngs=rngs)
         if cross:
@@ -160,19 +181,22 @@ class Block(nnx.Module):
         n = 3 if self.cross else 2  # attention, MLP, cross-attention
         keys = [None] * n if dropout_key is None else list(jax.random.split(dropout_key, n))
         h_BTD = self.attn(
-            self.attn_norm(x_BTD),
+            self._norm_in(self.attn_norm, x_BTD),
             positions_BT=positions_BT,
             mask_B1TS=mask_B1TS,
             causal=causal,
             bias_BNTS=bias_BNTS,
         )
-        x_BTD = x_BTD + dropout(h_BTD, self.rate, keys[0])
+        x_BTD = self._add(self.attn_norm, x_BTD, h_BTD, keys[0])
         if self.cross:
             memory_BSD, memory_mask = memory
             h_BTD = self.cross_attn(
-                self.cross_norm(x_BTD), mask_B1TS=memory_mask, causal=False, kv_BSD=memory_BSD
+                self._norm_in(self.cross_norm, x_BTD),
+                mask_B1TS=memory_mask,
+                causal=False,
+                kv_BSD=memory_BSD,
             )
-            x_BTD = x_BTD + dropout(h_BTD, self.rate, keys[2])
+            x_BTD = self._add(self.cross_norm, x_BTD, h_BTD, keys[2])
         return self._mlp(x_BTD, keys[1])
 
     def decode(self, x_BTD, cache: dict, index_B, *, bias_BNTS=None, memory=None):
@@ -180,16 +204,29 @@ class Block(nnx.Module):
 
         `memory` is (precomputed cross K/V of this block, encoder mask [B, 1, S]).
         """
-        h_BTD, cache = self.attn.decode(self.attn_norm(x_BTD), cache, index_B, bias_BNTS)
-        x_BTD = x_BTD + h_BTD
+        x_in = self._norm_in(self.attn_norm, x_BTD)
+        h_BTD, cache = self.attn.decode(x_in, cache, index_B, bias_BNTS)
+        x_BTD = self._add(self.attn_norm, x_BTD, h_BTD, None)
         if self.cross:
             kv, mask_B1S = memory
-            x_BTD = x_BTD + self.cross_attn.attend_cached(self.cross_norm(x_BTD), kv, mask_B1S)
+            x_in = self._norm_in(self.cross_norm, x_BTD)
+            h_BTD = self.cross_attn.attend_cached(x_in, kv, mask_B1S)
+            x_BTD = self._add(self.cross_norm, x_BTD, h_BTD, None)
         return self._mlp(x_BTD, None), cache
 
     def _mlp(self, x_BTD, key):
-        x_BTD = x_BTD + dropout(self.mlp(self.mlp_norm(x_BTD)), self.rate, key)
+        h_BTD = self.mlp(self._norm_in(self.mlp_norm, x_BTD))
+        x_BTD = self._add(self.mlp_norm, x_BTD, h_BTD, key)
         return sharding.constrain(x_BTD, ("batch", "length", None))
+
+    def _norm_in(self, norm, x_BTD):
+        """A sublayer's input: normed for pre-norm blocks, as is for post-norm ones."""
+        return x_BTD if self.post else norm(x_BTD)
+
+    def _add(self, norm, x_BTD, h_BTD, key):
+        """The residual add of a sublayer's output, normed after it in post-norm blocks."""
+        x_BTD = x_BTD + dropout(h_BTD, self.rate, key)
+        return norm(x_BTD) if self.post else x_BTD
 
 
 class Stack(nnx.Module):
@@ -219,16 +256,15 @@ class Stack(nnx.Module):
             )
         if cfg.positions == "relative":
             self.relative_bias = RelativePositionBias(cfg, bidirectional=not causal, rngs=rngs)
-        self.blocks = nnx.List([Block(cfg, cross=cross, rngs=rngs) for _ in range(num_layers)])
-        self.final_norm = make_norm(
-            cfg.norm,
-            cfg.d_model,
-            eps=cfg.norm_eps,
-            use_bias=cfg.use_bias,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            rngs=rngs,
+        norm = dict(eps=cfg.norm_eps, use_bias=cfg.use_bias, dtype=cfg.dtype)
+        make = lambda: make_norm(
+            cfg.norm, cfg.d_model, param_dtype=cfg.param_dtype, rngs=rngs, **norm
         )
+        if cfg.embed_norm:
+            self.embed_norm = make()
+        self.blocks = nnx.List([Block(cfg, cross=cross, rngs=rngs) for _ in range(num_layers)])
+        # Post-norm blocks already end in a norm (BERT has no final one).
+        self.final_norm = make() if cfg.block_norm == "pre" else None
 
     def run(self, x_BTD, *, positions_BT=None, segment_ids_BT=None, dropout_key=None, memory=None):
         """Final-norm hidden states [B, T, D] of token embeddings `x_BTD`.
@@ -261,7 +297,7 @@ class Stack(nnx.Module):
             run_block = nnx.remat(run_block, policy=REMAT_POLICIES[self.cfg.remat])
         for block, key in zip(self.blocks, keys[:-1], strict=False):
             x_BTD = run_block(block, x_BTD, positions_BT, mask_B1TS, bias_BNTS, memory, key)
-        return self.final_norm(x_BTD)
+        return self._final(x_BTD)
 
     def init_cache(self, batch: int, length: int) -> list[dict]:
         """An empty KV cache per block for `batch` rows of up to `length` tokens."""
@@ -290,11 +326,16 @@ class Stack(nnx.Module):
                 x_BTD, layer_cache, index_B, bias_BNTS=bias_BNTS, memory=mem
             )
             new_cache.append(layer_cache)
-        return self.final_norm(x_BTD), new_cache
+        return self._final(x_BTD), new_cache
+
+    def _final(self, x_BTD):
+        return x_BTD if self.final_norm is None else self.final_norm(x_BTD)
 
     def _add_positions(self, x_BTD, positions_BT, dropout_key):
         if self.cfg.positions == "learned":
             x_BTD = x_BTD + jnp.take(self.pos_embed[...], positions_BT, axis=0).astype(x_BTD.dtype)
+        if self.cfg.embed_norm:
+            x_BTD = self.embed_norm(x_BTD)
         x_BTD = dropout(x_BTD, self.cfg.dropout, dropout_key)
         return sharding.constrain(x_BTD, ("batch", "length", None))
 
