@@ -63,9 +63,12 @@ def new_token_limits(
 def example_rows(
     inputs: Sequence[Sequence[int]], width: int, eos_id: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, segment ids) [len(inputs), width]: each input's first width - 1 ids, then EOS,
-    right-padded: the rows the classify data trains on (cache_format.Ragged.rows)."""
-    return batches.padded([list(x)[: width - 1] + [eos_id] for x in inputs], width)
+    """(tokens, segment ids): each input's first width - 1 ids, then EOS, right-padded: the rows
+    the classify data trains on (cache_format.Ragged.rows), but only as wide as the longest
+    needs, rounded up to a power of two (>= 16) so that few widths compile."""
+    rows = [list(x)[: width - 1] + [eos_id] for x in inputs]
+    longest = max(map(len, rows), default=1)
+    return batches.padded(rows, min(width, max(16, 1 << (longest - 1).bit_length())))
 
 
 def masked_ids(tok, text: str) -> list[int]:

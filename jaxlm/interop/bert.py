@@ -164,6 +164,10 @@ def config_from_hf(hf: dict, architecture: str) -> dict:
         "num_classes": num_classes,
         "pooling": "first",
         "classifier_activation": "relu" if fam == "distilbert" else "tanh",
+        # transformers' id2label, for LanguageModel.class_names (LABEL_0... when unnamed).
+        "task.class_names": tuple(hf["id2label"][str(i)] for i in range(num_classes))
+        if hf.get("id2label") and num_classes
+        else (),
     }
 
 
