@@ -131,6 +131,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.input_key = ""  # seq2seq/classify: feature or JSONL field with the input text
     d.target_key = ""  # seq2seq: feature or JSONL field with the target text
     d.label_key = "label"  # classify: feature or JSONL field with the integer class label
+    d.prepend_cls = False  # classify: rows are CLS, text, EOS ([CLS] ... [SEP]: BERT's inputs)
     d.tokenizer = ""  # SentencePiece .model (local or gs://); empty: train one on a sample
     d.tokenizer_vocab_size = 4096  # vocabulary size when training a tokenizer
     d.tokenizer_type = "bpe"  # SentencePiece model type when training: bpe, unigram or char

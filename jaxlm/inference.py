@@ -353,9 +353,9 @@ class LanguageModel:
     def classify(self, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
         """Class probabilities [len(texts), num_classes] (softmax of the classification head).
 
-        Each text is encoded as the classify data encodes it: its first data.seq_len - 1
-        tokens (longer texts are truncated as in training), then EOS; `class_names` names
-        the columns where the run records them.
+        Each text is encoded as the classify data encodes it: the tokenizer's CLS first if
+        data.prepend_cls (BERT's [CLS]), its tokens (cut to fit data.seq_len, as in training),
+        then EOS; `class_names` names the columns where the run records them.
         """
         return self.classify_ids([self.encode(t) for t in texts], batch_size=batch_size)
 
@@ -377,7 +377,9 @@ class LanguageModel:
             chunk = list(inputs[i : i + size])
             # The last chunk is filled with copies of its first row: one compilation per size.
             chunk += chunk[:1] * (size - len(chunk))
-            tokens, segment_ids = predict.example_rows(chunk, self.config.data.seq_len, eos)
+            tokens, segment_ids = predict.example_rows(
+                chunk, self.config.data.seq_len, eos, self._cls_id
+            )
             with self._rules():
                 probs = self._predict("classify", predict.make_classify)(
                     self.params, self._replicated(tokens), self._replicated(segment_ids)
@@ -399,20 +401,29 @@ class LanguageModel:
             raise ValueError("this run has no tokenizer (synthetic data): nothing marks a mask")
         ids = predict.masked_ids(self.tokenizer, text)
         width, vocab = self.config.data.seq_len, self.state.model_cfg.vocab_size
-        if len(ids) + 1 > width:
+        if len(ids) + 1 + (self._cls_id is not None) > width:
             raise ValueError(
                 f"text of {len(ids)} tokens + EOS exceeds the model's rows of {width} tokens "
                 "(data.seq_len); shorten it"
             )
         if not 1 <= top_k <= vocab:
             raise ValueError(f"top_k must be in 1..{vocab} (the vocabulary), got {top_k}")
-        tokens, segment_ids = predict.example_rows([ids], width, self.tokenizer.eos_id)
+        tokens, segment_ids = predict.example_rows(
+            [ids], width, self.tokenizer.eos_id, self._cls_id
+        )
         with self._rules():
             fn = self._predict(("fill_mask", top_k), predict.make_fill_mask, top_k)
             probs, top = fn(self.params, self._replicated(tokens), self._replicated(segment_ids))
         return predict.candidates(
             self.tokenizer, tokens[0], np.asarray(probs)[0], np.asarray(top)[0]
         )
+
+    @property
+    def _cls_id(self) -> int | None:
+        """The id that starts classify and fill-mask rows (data.prepend_cls), else None."""
+        if not self.config.data.get("prepend_cls") or self.tokenizer is None:
+            return None
+        return self.tokenizer.cls_id
 
     def _predict(self, key, make: Callable, *args) -> Callable:
         """One compiled prediction function per key, built by make(graphdef, *args)."""

@@ -61,12 +61,14 @@ def new_token_limits(
 
 
 def example_rows(
-    inputs: Sequence[Sequence[int]], width: int, eos_id: int
+    inputs: Sequence[Sequence[int]], width: int, eos_id: int, cls_id: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, segment ids): each input's first width - 1 ids, then EOS, right-padded: the rows
-    the classify data trains on (cache_format.Ragged.rows), but only as wide as the longest
-    needs, rounded up to a power of two (>= 16) so that few widths compile."""
-    rows = [list(x)[: width - 1] + [eos_id] for x in inputs]
+    """(tokens, segment ids): each input's first ids, then EOS, right-padded, within `width`
+    tokens (with cls_id, that id first: data.prepend_cls): the rows the classify data trains on
+    (examples/source.py), but only as wide as the longest needs, rounded up to a power of two
+    (>= 16) so that few widths compile."""
+    head = [] if cls_id is None else [cls_id]
+    rows = [head + list(x)[: width - 1 - len(head)] + [eos_id] for x in inputs]
     longest = max(map(len, rows), default=1)
     return batches.padded(rows, min(width, max(16, 1 << (longest - 1).bit_length())))
 

@@ -45,8 +45,10 @@ def _labelled(directory: Path) -> str:
 
 
 def _fine_tuned_classifier(tmp: Path, pretrained: Path, family: str, pooling: str) -> Path:
-    """2 classify steps from a pretrained run, on its tokenizer: the workflow of a user."""
+    """2 classify steps from a pretrained run, on its tokenizer: the workflow of a user. The
+    encoder's rows start with the tokenizer's CLS (BOS for SentencePiece), as BERT's do."""
     c = tiny_config(source=_labelled(tmp), objective="classify")
+    c.data.prepend_cls = family == "encoder"
     c.model.family, c.model.pooling, c.model.max_len = family, pooling, 32
     c.model.vocab_size, c.model.num_classes, c.task.class_names = 0, 3, NAMES
     c.data.tokenizer, c.data.cache_dir = str(pretrained / "tokenizer.model"), str(tmp / "cache")
@@ -142,7 +144,9 @@ def _jit(lm: LanguageModel, fn):
 
 def _unpadded_probs(clf: LanguageModel, text: str) -> np.ndarray:
     """The head's softmax on the exact row (no padding, no segment ids)."""
-    ids = clf.encode(text)[: clf.config.data.seq_len - 1] + [clf.tokenizer.eos_id]
+    head = [clf.tokenizer.cls_id] if clf.config.data.prepend_cls else []
+    ids = head + clf.encode(text)[: clf.config.data.seq_len - 1 - len(head)]
+    ids += [clf.tokenizer.eos_id]
     probs = _jit(clf, lambda m, x: jax.nn.softmax(m.classify(x), axis=-1))
     return np.asarray(probs(clf.params, np.asarray([ids], np.int32)))[0]
 

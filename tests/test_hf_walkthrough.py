@@ -22,6 +22,13 @@ def python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", text, re.S)
 
 
+def hf_encode(folder: Path, texts: list[str]) -> dict[str, torch.Tensor]:
+    """transformers' inputs of the texts: [CLS] ... [SEP], right-padded, attention mask."""
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    inputs = tok(texts, padding=True, return_tensors="pt")
+    return {k: inputs[k] for k in ("input_ids", "attention_mask")}
+
+
 def softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
@@ -70,14 +77,14 @@ def test_gpt2_generate_equals_transformers(walked):
 def test_fine_tuned_bert_fills_masks_as_its_export_does(walked):
     mlm, top, where = walked["mlm"], walked["top"], walked["where"]
     assert mlm.step == 4 and len(top) == 1 and len(top[0]) == 5
-    tok = mlm.tokenizer
-    ids = tok.encode("the cat ") + [tok.mask_id] + tok.encode(" on the mat.") + [tok.eos_id]
+    inputs = hf_encode(where / "hf/bert", ["the cat [MASK] on the mat."])
+    ids = inputs["input_ids"][0].tolist()
     model, info = transformers.AutoModelForMaskedLM.from_pretrained(
         where / "hf/bert_ft", output_loading_info=True
     )
     assert not info["missing_keys"] and not info["unexpected_keys"]
     with torch.no_grad():
-        logits = model.eval()(torch.tensor([ids])).logits[0, ids.index(tok.mask_id)].numpy()
+        logits = model.eval()(**inputs).logits[0, ids.index(mlm.tokenizer.mask_id)].numpy()
     probs = softmax(logits.astype(np.float64))
     best = np.argsort(-probs)[:5]
     assert [c["token"] for c in top[0]] == best.tolist()
@@ -88,15 +95,13 @@ def test_distilbert_classify_equals_transformers_softmax(walked):
     clf, probs, where = walked["clf"], walked["probs"], walked["where"]
     assert clf.class_names == ("NEGATIVE", "POSITIVE")
     assert walked["named"] == dict(zip(clf.class_names, probs[0], strict=True))
-    texts = ["a gripping film", "the plot was dull"]
-    rows = [clf.encode(t) + [clf.tokenizer.eos_id] for t in texts]
-    width = max(map(len, rows))
-    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    texts = ["a gripping film", "the plot was dull, the cat sat on the mat."]  # the README's
+    inputs = hf_encode(where / "hf/distilbert-sst2", texts)
+    assert inputs["attention_mask"].sum(1).tolist() != [inputs["input_ids"].shape[1]] * 2
     hf = transformers.DistilBertForSequenceClassification.from_pretrained(
         where / "hf/distilbert-sst2"
     )
     with torch.no_grad():
-        want = torch.softmax(hf.eval()(input_ids=ids, attention_mask=mask).logits, -1).numpy()
+        want = torch.softmax(hf.eval()(**inputs).logits, -1).numpy()
     assert probs.shape == (2, 2)
     np.testing.assert_allclose(probs, want, atol=1e-5)
