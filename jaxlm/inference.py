@@ -371,21 +371,14 @@ class LanguageModel:
         if not inputs:
             return np.zeros((0, self.state.model_cfg.num_classes), np.float32)
         eos = EOS_ID if self.tokenizer is None else self.tokenizer.eos_id
-        size = min(batch_size, len(inputs))
-        out = []
-        for i in range(0, len(inputs), size):
-            chunk = list(inputs[i : i + size])
-            # The last chunk is filled with copies of its first row: one compilation per size.
-            chunk += chunk[:1] * (size - len(chunk))
-            tokens, segment_ids = predict.example_rows(
-                chunk, self.config.data.seq_len, eos, self._cls_id
-            )
+        fn = self._predict("classify", predict.make_classify)
+
+        def run(chunk: list) -> np.ndarray:
+            rows = predict.example_rows(chunk, self.config.data.seq_len, eos, self._cls_id)
             with self._rules():
-                probs = self._predict("classify", predict.make_classify)(
-                    self.params, self._replicated(tokens), self._replicated(segment_ids)
-                )
-            out.append(np.asarray(probs)[: len(inputs) - i])
-        return np.concatenate(out)
+                return np.asarray(fn(self.params, *map(self._replicated, rows)))
+
+        return predict.in_chunks(run, list(inputs), batch_size)
 
     def fill_mask(self, text: str, *, top_k: int = 5) -> list[list[dict]]:
         """The top_k tokens for each mask in `text`, in order: one list per mask of

@@ -9,7 +9,7 @@ id 1 on real tokens and 0 on padding), so padding never reaches a real position'
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +71,17 @@ def example_rows(
     rows = [head + list(x)[: width - 1 - len(head)] + [eos_id] for x in inputs]
     longest = max(map(len, rows), default=1)
     return batches.padded(rows, min(width, max(16, 1 << (longest - 1).bit_length())))
+
+
+def in_chunks(run: Callable[[list], np.ndarray], inputs: list, size: int) -> np.ndarray:
+    """run(chunk) over chunks of at most `size` inputs, concatenated. The last chunk is filled
+    with copies of its first input (dropped from the result): one compilation per size."""
+    size = min(size, len(inputs))
+    out = []
+    for i in range(0, len(inputs), size):
+        chunk = inputs[i : i + size]
+        out.append(run(chunk + chunk[:1] * (size - len(chunk)))[: len(chunk)])
+    return np.concatenate(out)
 
 
 def masked_ids(tok, text: str) -> list[int]:
