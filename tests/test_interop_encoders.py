@@ -5,9 +5,13 @@ scale is 1 and no bias 0), saved with a WordPiece tokenizer, imported and export
 share those folders. Nothing downloads.
 """
 
+# ruff: noqa: E402 (HF_HUB_OFFLINE is read when transformers is imported)
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # these tests never download
+
 import dataclasses
 import json
-import os
 import shutil
 
 import jax
@@ -23,7 +27,8 @@ from jaxlm import state, train
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.interop import ConversionError, bert, convert, export_hf, import_hf, load_hf
 
-os.environ["HF_HUB_OFFLINE"] = "1"
+# One device: 8 fake ones would compile SPMD programs and run each step 8 times on 2 cores.
+ONE = jax.devices()[:1]
 
 WORDS = "the cat sat on a mat good bad film movie plot was very not dull great and it".split()
 PIECES = ["##s", "##ing", "##ed", "##ly", *"abcdefghijklmnopqrstuvwxyz", "!", ".", ","]
@@ -246,13 +251,13 @@ def test_imported_classifier_fine_tunes_resumes_and_exports(imported, tmp_path, 
         "optim.warmup_steps=1",
     ]
     config = config_lib.load_config(m.run_dir / "config.json", overrides)
-    full = train.train(config, tmp_path / "full")
+    full = train.train(config, tmp_path / "full", ONE)
     out = capsys.readouterr().out
     assert f"init_from {m.run_dir} step 0: loaded" in out and "new:" not in out
     # A run stopped after its step-2 checkpoint (a copy without the later one) resumes exactly.
     shutil.copytree(tmp_path / "full", tmp_path / "split")
     shutil.rmtree(tmp_path / "split" / "checkpoints" / "4")
-    rest = train.train(config, tmp_path / "split")
+    rest = train.train(config, tmp_path / "split", ONE)
     assert rest["step"] == 4 and rest["eval/loss"] == full["eval/loss"]
     assert "init_from" not in capsys.readouterr().out  # resuming reads its own checkpoint
     _, cfg, tuned, _ = convert.run_params(tmp_path / "full")

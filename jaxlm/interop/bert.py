@@ -38,14 +38,9 @@ _ACTS_BACK = {"gelu_exact": "gelu", "gelu": "gelu_new", "relu": "relu"}
 _DISTIL_EPS = 1e-12  # DistilBERT's LayerNorms do not read the config
 # Options jaxlm's encoder does not compute, with the value it needs.
 _MUST = {
-    "bert": {
-        "position_embedding_type": "absolute",
-        "is_decoder": False,
-        "add_cross_attention": False,
-    },
-    "distilbert": {"sinusoidal_pos_embds": False},
+    "bert": dict(position_embedding_type="absolute", is_decoder=False, add_cross_attention=False),
+    "distilbert": dict(sinusoidal_pos_embds=False),
 }
-_PROBLEM_TYPES = (None, "single_label_classification")
 
 # HF names of each family: embeddings, one layer's sublayers, heads.
 _NAMES = {
@@ -124,14 +119,16 @@ def config_from_hf(hf: dict, architecture: str) -> dict:
     num_classes = 0
     if not _is_mlm(architecture):
         num_classes = _num_labels(hf)
-        if hf.get("problem_type") not in _PROBLEM_TYPES or num_classes < 2:
+        if hf.get("problem_type") not in (None, "single_label_classification") or num_classes < 2:
             raise ConversionError(
                 f"config.json problem_type={hf.get('problem_type')!r} with num_labels="
                 f"{num_classes}: jaxlm classifies single labels (softmax over >= 2 classes)"
             )
     if fam == "distilbert":
         d, n, eps = hf["dim"], hf["n_heads"], _DISTIL_EPS
-        shape = dict(num_layers=hf["n_layers"], d_ff=hf["hidden_dim"], dropout=hf["dropout"])
+        shape = dict(
+            num_layers=hf["n_layers"], d_ff=hf["hidden_dim"], dropout=hf.get("dropout", 0.1)
+        )
         types = 0
     else:
         d, n, eps = hf["hidden_size"], hf["num_attention_heads"], hf.get("layer_norm_eps", 1e-12)
@@ -164,6 +161,7 @@ def config_from_hf(hf: dict, architecture: str) -> dict:
         "num_classes": num_classes,
         "pooling": "first",
         "classifier_activation": "relu" if fam == "distilbert" else "tanh",
+        **_data_keys(architecture),
         # BERT's inputs are [CLS] text [SEP]: classify rows and LanguageModel's are built so.
         "data.prepend_cls": True,
         # transformers' id2label, for LanguageModel.class_names (LABEL_0... when unnamed).
@@ -171,6 +169,14 @@ def config_from_hf(hf: dict, architecture: str) -> dict:
         if hf.get("id2label") and num_classes
         else (),
     }
+
+
+def _data_keys(architecture: str) -> dict:
+    """What the run config needs to validate: the run keeps the model's own tokenizer (with its
+    [MASK]), but a config training from scratch would need one; classifiers read examples."""
+    if _is_mlm(architecture):
+        return {"data.tokenizer_mask": True}
+    return {"data.input_key": "text", "data.label_key": "label"}
 
 
 def _check_representable(cfg: TransformerConfig, architecture: str) -> None:

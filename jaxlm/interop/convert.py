@@ -79,11 +79,6 @@ def run_config(keys: dict, objective: str) -> ml_collections.ConfigDict:
             raise ConversionError(f"converter returned unknown config key {key!r}")
         group[leaf] = value
     config.task.objective = objective
-    if objective in config_lib.EXAMPLE_OBJECTIVES:  # field names a fine-tuning run overrides
-        config.data.input_key = "text"
-        config.data.target_key = "target" if objective == "seq2seq" else ""
-    # The run keeps the model's tokenizer; a config trained from scratch would need a <mask>.
-    config.data.tokenizer_mask = objective == "mlm"
     config.model.dtype = "float32"  # what transformers computes in; bfloat16 is an override
     config.data.seq_len = min(config.model.max_len, _MAX_SEQ_LEN)
     config_lib.validate(config)
