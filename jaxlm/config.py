@@ -105,6 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
     k.noise_density = 0.15  # span_corruption: share of tokens dropped into spans (T5: 0.15)
     k.mean_span_length = 3.0  # span_corruption: mean noise span length in tokens (T5: 3)
     k.class_weights = ()  # classify: per-class loss weights (empty: all 1)
+    k.class_names = ()  # classify: a name per class in label order (HF id2label); empty: none
     # Token losses project hidden states to the vocabulary this many positions at a time,
     # recomputing each block in the backward pass, so [B, T, V] logits never exist whole; 0: all.
     k.logits_chunk = 0
@@ -132,6 +133,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.input_key = ""  # seq2seq/classify: feature or JSONL field with the input text
     d.target_key = ""  # seq2seq: feature or JSONL field with the target text
     d.label_key = "label"  # classify: feature or JSONL field with the integer class label
+    d.prepend_cls = False  # classify: rows are CLS, text, EOS ([CLS] ... [SEP]: BERT's inputs)
     d.tokenizer = ""  # SentencePiece .model (local or gs://); empty: train one on a sample
     d.tokenizer_vocab_size = 4096  # vocabulary size when training a tokenizer
     d.tokenizer_type = "bpe"  # SentencePiece model type when training: bpe, unigram or char

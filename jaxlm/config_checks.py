@@ -169,6 +169,11 @@ def _validate_task(config: ml_collections.ConfigDict) -> None:
             )
         if any(w < 0 for w in k.class_weights):
             raise ConfigError(f"task.class_weights must be >= 0, got {k.class_weights}")
+        if k.class_names and len(k.class_names) != config.model.num_classes:
+            raise ConfigError(
+                f"task.class_names has {len(k.class_names)} names for "
+                f"model.num_classes={config.model.num_classes}; give one per class or ()"
+            )
     if k.objective in EXAMPLE_OBJECTIVES and not config.data.source.startswith("synthetic"):
         wanted = ["input_key"] + (["target_key"] if k.objective == "seq2seq" else ["label_key"])
         for key in wanted:

@@ -109,6 +109,7 @@ def data_spec(config: ml_collections.ConfigDict) -> specs.DataSpec:
         num_classes=config.model.num_classes,
         vocab_size=synthetic_vocab_size(config),
         cache_root=d.cache_dir,
+        prepend_cls=d.prepend_cls,
     )
 
 

@@ -80,16 +80,18 @@ def make_generate(
     settings: SamplingSettings,
     on_tokens: Callable[[int, jax.Array], None] | None = None,
 ):
-    """jit(fn(params, prompts_BP, lengths_B, key) -> (tokens_BN, num_generated_B)).
+    """jit(fn(params, prompts_BP, lengths_B, key, limits_B=None) -> (tokens_BN, num_generated_B)).
 
     `on_tokens(i, tokens_B)` is called from the device loop after each step (for streaming;
     see its caveats where it is called);
     new tokens after a row's EOS are `pad_id`, and num_generated counts tokens up to its EOS.
+    `limits_B` caps each row's new tokens below max_new_tokens (a total length per row, as
+    transformers' max_length, gives rows of different prompt lengths different caps).
     """
     settings.check()
     n = settings.max_new_tokens
 
-    def generate(params, prompts_BP, lengths_B, key):
+    def generate(params, prompts_BP, lengths_B, key, limits_B=None):
         model = nnx.merge(graphdef, params)
         b, p = prompts_BP.shape
         h_BPD, cache = _prefill(model, prompts_BP, p + n)
@@ -102,7 +104,7 @@ def make_generate(
             logits_B1V, cache = model.decode(token_B[:, None], cache, lengths_B + i - 1)
             return logits_B1V[:, 0], cache
 
-        return _sampling_loop(step, last_BV, cache, key, settings, on_tokens)
+        return _sampling_loop(step, last_BV, cache, key, settings, on_tokens, limits_B)
 
     return jax.jit(generate)
 
@@ -156,13 +158,14 @@ def _encode_to_cache(model, sources_BS, source_lengths_B, length: int, repeat: i
     return model.init_cache(memory_BSD, segment_ids_BS, length)
 
 
-def _sampling_loop(step, first_BV, cache, key, s: SamplingSettings, on_tokens):
+def _sampling_loop(step, first_BV, cache, key, s: SamplingSettings, on_tokens, limits_B=None):
     """Sample from first_BV, then `step(token_B, i, cache) -> (logits_BV, cache)` in a loop.
 
-    Stops when every row has emitted EOS or max_new_tokens tokens; returns (tokens_BN,
-    num_generated_B) with `pad_id` after each row's EOS.
+    Stops when every row has emitted EOS or its limit (limits_B, else max_new_tokens) of
+    tokens; returns (tokens_BN, num_generated_B) with `pad_id` after each row's end.
     """
     b, n = first_BV.shape[0], s.max_new_tokens
+    limits_B = jnp.full((b,), n, jnp.int32) if limits_B is None else jnp.minimum(limits_B, n)
 
     def emit(i, token_B, done_B, out_BN):
         token_B = jnp.where(done_B, s.pad_id, token_B)
@@ -170,7 +173,8 @@ def _sampling_loop(step, first_BV, cache, key, s: SamplingSettings, on_tokens):
             # Unordered: ordered effects are single-device only. Calls may come out of order
             # or once per device; the step index lets the receiver sort and deduplicate.
             jax.debug.callback(on_tokens, i, token_B)
-        return token_B, done_B | (token_B == s.eos_id), out_BN.at[:, i].set(token_B)
+        done_B = done_B | (token_B == s.eos_id) | (i + 1 >= limits_B)
+        return token_B, done_B, out_BN.at[:, i].set(token_B)
 
     out_BN = jnp.full((b, n), s.pad_id, jnp.int32)
     first_B = sample(first_BV, jax.random.fold_in(key, 0), s)
@@ -189,10 +193,11 @@ def _sampling_loop(step, first_BV, cache, key, s: SamplingSettings, on_tokens):
 
     state = (jnp.int32(1), token_B, done_B, out_BN, cache)
     _, _, _, out_BN, _ = jax.lax.while_loop(cond, body, state)
-    # Tokens up to and including each row's first EOS.
+    # Tokens up to and including each row's first EOS, within its limit (the padding after a
+    # row's limit may be the EOS id: GPT-2 pads with it).
     is_eos_BN = out_BN == s.eos_id
     first_eos_B = jnp.where(jnp.any(is_eos_BN, axis=1), jnp.argmax(is_eos_BN, axis=1) + 1, n)
-    return out_BN, first_eos_B
+    return out_BN, jnp.minimum(first_eos_B, limits_B)
 
 
 @dataclasses.dataclass(frozen=True)

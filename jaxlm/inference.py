@@ -8,6 +8,9 @@ numbers; for seq2seq it also decodes the validation inputs for BLEU (jaxlm/seq2s
     lm = LanguageModel.load("runs/demo")
     lm.score(["def f(x):\\n    return x\\n"])   # per-token log-probs
     lm.generate(["import "], max_new_tokens=32, temperature=0.8, top_k=40)
+    lm.generate(["import "], max_length=50, num_return_sequences=5)  # transformers' names
+    clf.classify(["a fine film"])  # class probabilities (runs with a classification head)
+    mlm.fill_mask("def f(x):\\n    <mask> x\\n")  # top tokens per mask (encoder runs)
 
 `LanguageModel.from_pretrained(hf_dir)` converts a Hugging Face folder in memory
 (jaxlm/interop/); `jaxlm-convert import` writes it as a run directory instead.
@@ -28,9 +31,20 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlm import config as config_lib
-from jaxlm import eval_loop, interop, monitor, seq2seq_eval, sharding, state, train, transforms
+from jaxlm import (
+    eval_loop,
+    interop,
+    monitor,
+    predict,
+    seq2seq_eval,
+    sharding,
+    state,
+    train,
+    transforms,
+)
 from jaxlm.checkpoint import Checkpointer, open_step
 from jaxlm.data import tokenizer as tokenizer_lib
+from jaxlm.data.types import EOS_ID
 from jaxlm.generate import BeamSettings, SamplingSettings, make_generate
 from jaxlm.state import ModelState
 
@@ -110,7 +124,8 @@ def evaluate_run(
 
 @dataclasses.dataclass
 class LanguageModel:
-    """A restored decoder-only model and its tokenizer, with compiled scoring and sampling."""
+    """A restored decoder or encoder model and its tokenizer: compiled scoring and sampling
+    (decoders), class probabilities (a classification head) and mask filling (encoders)."""
 
     config: object
     state: ModelState
@@ -121,11 +136,7 @@ class LanguageModel:
     @classmethod
     def load(cls, workdir: str | Path, step: int | None = None, overrides=(), devices=None):
         config = run_config(workdir, overrides)
-        if config.model.family != "decoder":
-            raise ValueError(
-                f"{workdir} trained a model.family={config.model.family} model; scoring and "
-                "generation need a decoder: evaluate it with jaxlm-eval (inference.evaluate_run)"
-            )
+        _check_family(config, f"{workdir} trained")
         names = transforms.check(config_lib.transform_names(config))
         tok_path = tokenizer_lib.run_file(workdir)  # tokenizer.model or tokenizer.json
         tokenizer = None if tok_path is None else tokenizer_lib.load(tok_path)
@@ -152,11 +163,7 @@ class LanguageModel:
         config_lib.apply_overrides(config, overrides)
         config_lib.validate(config)
         config = config_lib.for_platform(config, jax.devices()[0].platform)
-        if config.model.family != "decoder":
-            raise ValueError(
-                f"{hf_dir} holds a model.family={config.model.family} model; scoring and "
-                "generation need a decoder: import it with jaxlm-convert and use jaxlm-eval"
-            )
+        _check_family(config, f"{hf_dir} holds")
         tokenizer = interop.convert.hf_tokenizer(hf_dir)
         mesh = sharding.mesh_from_config(config.mesh, devices)
         cfg = config_lib.model_config(config, config.model.vocab_size)
@@ -195,8 +202,20 @@ class LanguageModel:
             return ids
         return ids[: self.config.data.seq_len - 1] + [self.tokenizer.eos_id]
 
+    @property
+    def family(self) -> str:
+        return self.config.model.family
+
+    def _need_decoder(self, what: str) -> None:
+        if self.family != "decoder":
+            raise ValueError(
+                f"{what} needs a decoder (model.family=decoder); this run is a "
+                f"model.family={self.family} model: use fill_mask or classify"
+            )
+
     def score(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Log-prob of each token of each text given the tokens before it (the first has none)."""
+        self._need_decoder("scoring")
         ids = [self.encode(t) for t in texts]
         for t, x in zip(texts, ids, strict=True):
             if not 2 <= len(x) <= self.context_len:
@@ -232,24 +251,28 @@ class LanguageModel:
         *,
         seed: int = 0,
         on_tokens: Callable[[int, np.ndarray], None] | None = None,
+        limits: Sequence[int] | None = None,
     ) -> list[list[int]]:
-        """Continuations of token-id prompts, each up to its EOS (kept) or max_new_tokens.
+        """Continuations of token-id prompts, each up to its EOS (kept) or max_new_tokens
+        (or its own limit: `limits`, one per prompt, at most max_new_tokens).
 
         Prompts to a prefix LM (task.objective=seq2seq) must end with the EOS separator, as
         `prompt_ids` ends them.
         """
+        self._need_decoder("generation")
         settings.check()
         lengths = [len(p) for p in prompts]
         if not prompts or min(lengths) == 0:
             raise ValueError("empty prompt: give at least one token of text to continue")
-        longest = max(lengths)
-        if longest + settings.max_new_tokens > self.context_len:
+        limits = [settings.max_new_tokens] * len(prompts) if limits is None else list(limits)
+        longest, new = max(zip(lengths, limits, strict=True), key=sum)
+        if longest + new > self.context_len:
             raise ValueError(
-                f"prompt of {longest} tokens + max_new_tokens {settings.max_new_tokens} exceeds "
+                f"prompt of {longest} tokens + max_new_tokens {new} exceeds "
                 f"the model's context of {self.context_len} tokens; shorten the prompt or "
                 "lower --max_new_tokens"
             )
-        tokens = np.zeros((len(prompts), longest), np.int32)
+        tokens = np.zeros((len(prompts), max(lengths)), np.int32)
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = p
         fn = self._generate_fn(settings, on_tokens)
@@ -259,6 +282,7 @@ class LanguageModel:
                 self._replicated(tokens),
                 self._replicated(np.asarray(lengths, np.int32)),
                 jax.random.key(seed),
+                self._replicated(np.asarray(limits, np.int32)),
             )
         out, counts = np.asarray(out), np.asarray(counts)
         return [list(out[i, : counts[i]]) for i in range(len(prompts))]
@@ -282,21 +306,34 @@ class LanguageModel:
         self,
         prompts: Sequence[str],
         *,
-        max_new_tokens: int = 64,
+        max_new_tokens: int | None = None,
+        max_length: int | None = None,
+        num_samples: int = 1,
+        num_return_sequences: int | None = None,
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int = 0,
         on_tokens: Callable[[int, np.ndarray], None] | None = None,
     ) -> list[str]:
-        """Text continuations of text prompts (EOS not included)."""
-        if any(not p for p in prompts):
+        """Text continuations of text prompts (EOS not included), `num_samples` per prompt
+        (transformers' `num_return_sequences`), prompt by prompt.
+
+        Length: `max_new_tokens` new tokens (64 when neither is given), or transformers'
+        `max_length`: prompt tokens + new tokens at most, for each prompt on its own.
+        """
+        self._need_decoder("generation")
+        n = predict.samples_per_prompt(num_samples, num_return_sequences)
+        if not prompts or any(not p for p in prompts):
             raise ValueError("empty prompt: give at least one character of text to continue")
-        settings = self.sampling_settings(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p
+        prompt_ids = [self.prompt_ids(p) for p in prompts for _ in range(n)]
+        limits = predict.new_token_limits(
+            [len(p) for p in prompt_ids], max_new_tokens, max_length, self.context_len
         )
-        prompt_ids = [self.prompt_ids(p) for p in prompts]
-        ids = self.generate_ids(prompt_ids, settings, seed=seed, on_tokens=on_tokens)
+        settings = self.sampling_settings(
+            max_new_tokens=max(limits), temperature=temperature, top_k=top_k, top_p=top_p
+        )
+        ids = self.generate_ids(prompt_ids, settings, seed=seed, on_tokens=on_tokens, limits=limits)
         return [
             self.continuation(p, [t for t in x if t != settings.eos_id])
             for p, x in zip(prompt_ids, ids, strict=True)
@@ -307,6 +344,94 @@ class LanguageModel:
         head = self.tokenizer.decode(list(prompt_ids))
         full = self.tokenizer.decode(list(prompt_ids) + list(new_ids))
         return full[len(head) :] if full.startswith(head) else self.tokenizer.decode(new_ids)
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        """The run's name for each class (task.class_names), in label order, if it has them."""
+        return tuple(self.config.task.get("class_names", ())) or None
+
+    def classify(self, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
+        """Class probabilities [len(texts), num_classes] (softmax of the classification head).
+
+        Each text is encoded as the classify data encodes it: the tokenizer's CLS first if
+        data.prepend_cls (BERT's [CLS]), its tokens (cut to fit data.seq_len, as in training),
+        then EOS; `class_names` names the columns where the run records them.
+        """
+        return self.classify_ids([self.encode(t) for t in texts], batch_size=batch_size)
+
+    def classify_ids(self, inputs: Sequence[Sequence[int]], *, batch_size: int = 32) -> np.ndarray:
+        """`classify` for token-id inputs (EOS is appended here)."""
+        if not self.state.model_cfg.num_classes:
+            raise ValueError(
+                "this run has no classification head (model.num_classes=0): fine-tune it with "
+                "--config.task.objective=classify --config.model.num_classes=N"
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not inputs:
+            return np.zeros((0, self.state.model_cfg.num_classes), np.float32)
+        eos = EOS_ID if self.tokenizer is None else self.tokenizer.eos_id
+        fn = self._predict("classify", predict.make_classify)
+
+        def run(chunk: list) -> np.ndarray:
+            rows = predict.example_rows(chunk, self.config.data.seq_len, eos, self._cls_id)
+            with self._rules():
+                return np.asarray(fn(self.params, *map(self._replicated, rows)))
+
+        return predict.in_chunks(run, list(inputs), batch_size)
+
+    def fill_mask(self, text: str, *, top_k: int = 5) -> list[list[dict]]:
+        """The top_k tokens for each mask in `text`, in order: one list per mask of
+        {"token": id, "token_str": its text, "score": probability}, most likely first (the
+        fields of transformers' fill-mask pipeline). A mask is written as the tokenizer's mask
+        piece: <mask> in jaxlm-trained tokenizers, [MASK] in BERT's."""
+        if self.family != "encoder":
+            raise ValueError(
+                f"fill_mask needs a masked LM (model.family=encoder); this run is a "
+                f"model.family={self.family} model: use generate"
+            )
+        if self.tokenizer is None:
+            raise ValueError("this run has no tokenizer (synthetic data): nothing marks a mask")
+        ids = predict.masked_ids(self.tokenizer, text)
+        width, vocab = self.config.data.seq_len, self.state.model_cfg.vocab_size
+        if len(ids) + 1 + (self._cls_id is not None) > width:
+            raise ValueError(
+                f"text of {len(ids)} tokens + EOS exceeds the model's rows of {width} tokens "
+                "(data.seq_len); shorten it"
+            )
+        if not 1 <= top_k <= vocab:
+            raise ValueError(f"top_k must be in 1..{vocab} (the vocabulary), got {top_k}")
+        tokens, segment_ids = predict.example_rows(
+            [ids], width, self.tokenizer.eos_id, self._cls_id
+        )
+        with self._rules():
+            fn = self._predict(("fill_mask", top_k), predict.make_fill_mask, top_k)
+            probs, top = fn(self.params, self._replicated(tokens), self._replicated(segment_ids))
+        return predict.candidates(
+            self.tokenizer, tokens[0], np.asarray(probs)[0], np.asarray(top)[0]
+        )
+
+    @property
+    def _cls_id(self) -> int | None:
+        """The id that starts classify and fill-mask rows (data.prepend_cls), else None."""
+        if not self.config.data.get("prepend_cls") or self.tokenizer is None:
+            return None
+        return self.tokenizer.cls_id
+
+    def _predict(self, key, make: Callable, *args) -> Callable:
+        """One compiled prediction function per key, built by make(graphdef, *args)."""
+        cache = self.__dict__.setdefault("_predict_fns", {})
+        if key not in cache:
+            cache[key] = make(self.state.graphdef, *args)
+        return cache[key]
+
+
+def _check_family(config, where: str) -> None:
+    if config.model.family not in ("decoder", "encoder"):
+        raise ValueError(
+            f"{where} a model.family={config.model.family} model; LanguageModel serves decoders "
+            "and encoders: evaluate it with jaxlm-eval (inference.evaluate_run)"
+        )
 
 
 def write_eval_record(workdir: str | Path, record: dict, split: str) -> None:

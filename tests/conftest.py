@@ -126,3 +126,9 @@ def train_stdlib(tmp: Path, objective: str = "lm") -> Path:
 def stdlib_lm_run(tmp_path_factory):
     """One 4-step LM run on the embedded corpus, shared by the tests that only read it."""
     return train_stdlib(tmp_path_factory.mktemp("stdlib_lm"))
+
+
+@pytest.fixture(scope="session")
+def stdlib_mlm_run(tmp_path_factory):
+    """One 4-step masked-LM (encoder) run on the embedded corpus, shared like stdlib_lm_run."""
+    return train_stdlib(tmp_path_factory.mktemp("stdlib_mlm"), "mlm")

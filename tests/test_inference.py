@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import train_stdlib
 
 from jaxlm import config as config_lib
 from jaxlm import evaluate, train
@@ -62,16 +61,20 @@ def test_eval_on_other_data_leaves_the_run_records(run_dir, tmp_path):
     assert {n: (run_dir / n).read_bytes() for n in records} == records
 
 
-def test_eval_program_reproduces_the_masked_lm_loop(tmp_path):
-    mlm_dir = train_stdlib(tmp_path, "mlm")
+def test_eval_program_reproduces_the_masked_lm_loop(stdlib_mlm_run):
+    mlm_dir = stdlib_mlm_run
     for step in (2, 4):
         got, want = evaluate_run(mlm_dir, step=step), loop_eval(mlm_dir, step)
         for key in ("loss", "perplexity", "accuracy", "tokens"):
             np.testing.assert_allclose(got[key], want[key], rtol=1e-6, err_msg=key)
     data = train.setup(config_lib.load_run_config(mlm_dir), mlm_dir).data
     assert data.mask_id == data.text.tok.mask_id > 3 and data.special_ids == (0, 1, 2, 3)
-    with pytest.raises(ValueError, match="need a decoder: evaluate it with jaxlm-eval"):
-        LanguageModel.load(mlm_dir)
+    # An encoder loads (for fill_mask and classify) but neither scores nor generates.
+    mlm = LanguageModel.load(mlm_dir)
+    with pytest.raises(ValueError, match="generation needs a decoder .*use fill_mask or classify"):
+        mlm.generate(["import "])
+    with pytest.raises(ValueError, match="scoring needs a decoder"):
+        mlm.score(["import os\n"])
 
 
 def test_eval_equals_numpy_on_the_models_forward_pass(run_dir):

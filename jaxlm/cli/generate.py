@@ -1,9 +1,13 @@
-"""jaxlm-generate --workdir DIR --prompt TEXT [--prompt_file F] [--max_new_tokens N]
-[--temperature T] [--top_k K] [--top_p P] [--num_samples N] [--seed S] [--step N]
+"""jaxlm-generate --workdir DIR --prompt TEXT [--prompt_file F]
+[--max_new_tokens N | --max_length N] [--temperature T] [--top_k K] [--top_p P]
+[--num_samples N] [--seed S] [--step N]
 
 Samples continuations from a trained run with a KV cache. Every --prompt and every line of
 --prompt_file is one prompt (`\\n` and `\\t` in them stand for newline and tab); prompts of any
 lengths are decoded as one batch. A single prompt and sample streams to the terminal.
+The length is --max_new_tokens new tokens (64 if neither is given) or, as transformers'
+`max_length`, --max_length tokens of prompt and continuation together, for each prompt;
+--num_samples is transformers' `num_return_sequences`.
 """
 
 from __future__ import annotations
@@ -18,11 +22,18 @@ from jaxlm.cli import common
 flags.DEFINE_string("workdir", None, "Run directory written by jaxlm-train.")
 flags.DEFINE_multi_string("prompt", [], "Prompt text; repeat for several prompts.")
 flags.DEFINE_string("prompt_file", None, "File with one prompt per line.")
-flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per sample at most.")
+flags.DEFINE_integer(
+    "max_new_tokens", None, "Tokens to generate per sample at most (default 64); or --max_length."
+)
+flags.DEFINE_integer(
+    "max_length",
+    None,
+    "Prompt + new tokens per sample at most (transformers' max_length); or --max_new_tokens.",
+)
 flags.DEFINE_float("temperature", 0.8, "Sampling temperature; 0 is greedy and deterministic.")
 flags.DEFINE_integer("top_k", 0, "Sample only among the k most likely tokens; 0: all.")
 flags.DEFINE_float("top_p", 1.0, "Sample only in the nucleus holding this probability; 1: all.")
-flags.DEFINE_integer("num_samples", 1, "Samples per prompt.")
+flags.DEFINE_integer("num_samples", 1, "Samples per prompt (transformers' num_return_sequences).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
 FLAGS = flags.FLAGS
@@ -82,12 +93,18 @@ def main(argv: list[str]) -> None:
         prompts = read_prompts(FLAGS.prompt, FLAGS.prompt_file)
         if FLAGS.num_samples < 1:
             raise ValueError(f"--num_samples must be >= 1, got {FLAGS.num_samples}")
+        if FLAGS.max_new_tokens is not None and FLAGS.max_length is not None:
+            raise ValueError(
+                "pass --max_new_tokens or --max_length, not both (--max_length counts the "
+                "prompt's tokens too, as transformers' max_length)"
+            )
         lm = LanguageModel.load(FLAGS.workdir, step=FLAGS.step, overrides=_OVERRIDES)
         if lm.tokenizer is None:
             raise ValueError(f"{FLAGS.workdir} has no tokenizer (a synthetic-data run)")
         batch = [p for p in prompts for _ in range(FLAGS.num_samples)]
         kwargs = dict(
             max_new_tokens=FLAGS.max_new_tokens,
+            max_length=FLAGS.max_length,
             temperature=FLAGS.temperature,
             top_k=FLAGS.top_k,
             top_p=FLAGS.top_p,

@@ -147,6 +147,7 @@ class DataSpec:
     num_classes: int = 0  # model.num_classes: labels are checked against it
     vocab_size: int = 0  # synthetic data's vocabulary (model.vocab_size or tokenizer's)
     cache_root: str = ""  # data.cache_dir (local or gs://); empty: ~/.cache/jaxlm
+    prepend_cls: bool = False  # data.prepend_cls: classify rows start with the tokenizer's CLS
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:

@@ -162,6 +162,12 @@ def config_from_hf(hf: dict, architecture: str) -> dict:
         "pooling": "first",
         "classifier_activation": "relu" if fam == "distilbert" else "tanh",
         **_data_keys(architecture),
+        # BERT's inputs are [CLS] text [SEP]: classify rows and LanguageModel's are built so.
+        "data.prepend_cls": True,
+        # transformers' id2label, for LanguageModel.class_names (LABEL_0... when unnamed).
+        "task.class_names": tuple(hf["id2label"][str(i)] for i in range(num_classes))
+        if hf.get("id2label") and num_classes
+        else (),
     }
 
 

@@ -75,12 +75,27 @@ class ExampleData:
     def batch(self, split: ExampleSplit, index: np.ndarray) -> dict[str, np.ndarray]:
         """The model arrays of these examples, one per row."""
         spec, eos = self.spec, self.tok.eos_id
-        inputs, input_seg = split.inputs.rows(index, spec.seq_len, eos)
         if self.fields.seq2seq:
+            inputs, input_seg = split.inputs.rows(index, spec.seq_len, eos)
             return seq2seq_batch(
                 inputs, input_seg, *split.targets.rows(index, spec.target_len, eos)
             )
-        return classify_batch(inputs, input_seg, split.labels[index])
+        if not spec.prepend_cls:
+            return classify_batch(*split.inputs.rows(index, spec.seq_len, eos), split.labels[index])
+        # [CLS] text [SEP]: the CLS id takes column 0, the text one column less.
+        inputs, input_seg = split.inputs.rows(index, spec.seq_len - 1, eos)
+        column = np.ones((len(inputs), 1), np.int32)
+        inputs = np.concatenate([column * self.cls_id, inputs], axis=1)
+        return classify_batch(inputs, np.concatenate([column, input_seg], 1), split.labels[index])
+
+    @property
+    def cls_id(self) -> int:
+        if self.tok.cls_id is None:
+            raise DataError(
+                "data.prepend_cls: the tokenizer has no CLS token; set --config.data.prepend_cls"
+                "=false or use a tokenizer with one ([CLS])"
+            )
+        return self.tok.cls_id
 
     def train_batch(self, step: int, process_index=None, process_count=None) -> dict:
         """This process's rows of the global batch at `step` (a keyed permutation per epoch)."""
