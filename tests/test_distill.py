@@ -17,11 +17,13 @@ from jaxlm.compress import distill
 from jaxlm.config import ConfigError
 from jaxlm.data import feed
 
+ONE = jax.devices()[:1]  # one device where sharding is not the point: less to compile
+
 
 def make_run(config, workdir: Path, tokenizer_sha256: str | None = None) -> Path:
     """A run directory holding `config`'s freshly initialized model at step 0 (no training):
     what a teacher needs to be restored. `tokenizer_sha256` stands for another tokenizer."""
-    s = train.setup(config, workdir)
+    s = train.setup(config, workdir, ONE)
     state = train.create_state(s)
     config_lib.save_config(config, workdir)
     meta = {**s.state_meta(), "step": 0}
@@ -74,7 +76,7 @@ def test_kl_is_zero_when_the_student_is_the_teacher(objective, tmp_path):
     teacher = make_run(teacher_config(objective), tmp_path / "teacher")
     c = teacher_config(objective)
     c.train.distill.teacher = str(teacher)
-    s = train.setup(c, tmp_path / "student")
+    s = train.setup(c, tmp_path / "student", ONE)
     with sharding.use_rules(s.mesh, c.mesh.rules):
         sums = jax.device_get(sums_fn(s)(s.teacher.params, s.teacher.params, batch_of(s), 0))
     assert sums["tokens"] > 0
@@ -85,15 +87,13 @@ def test_kl_is_zero_when_the_student_is_the_teacher(objective, tmp_path):
 
 def test_temperature_squared_scaling_matches_a_hand_computation(lm_teacher, tmp_path):
     t, alpha = 3.0, 0.7
-    s = train.setup(student_config(lm_teacher, temperature=t, alpha=alpha), tmp_path)
+    s = train.setup(student_config(lm_teacher, temperature=t, alpha=alpha), tmp_path, ONE)
     params = train.create_state(s)["params"]
     batch = batch_of(s)
     with sharding.use_rules(s.mesh, s.config.mesh.rules):
         sums = jax.device_get(sums_fn(s)(params, s.teacher.params, batch, 0))
-        student = np.asarray(s.model.merge(params)(batch["inputs"], **_packing(batch)), np.float64)
-        teacher = np.asarray(
-            s.teacher.model.merge(s.teacher.params)(batch["inputs"], **_packing(batch)), np.float64
-        )
+        student = np.asarray(_logits(s.model, params, batch), np.float64)
+        teacher = np.asarray(_logits(s.teacher.model, s.teacher.params, batch), np.float64)
     mask = batch["loss_mask"]
 
     def log_softmax(x):
@@ -108,12 +108,17 @@ def test_temperature_squared_scaling_matches_a_hand_computation(lm_teacher, tmp_
     assert sums["nll"] == pytest.approx(alpha * t * t * kl + (1 - alpha) * nll, rel=1e-4)
 
 
-def _packing(batch):
-    return {"positions_BT": batch["positions"], "segment_ids_BT": batch["segment_ids"]}
+def _logits(model_state, params, batch):
+    def forward(params, batch):
+        model = model_state.merge(params)
+        kw = {"positions_BT": batch["positions"], "segment_ids_BT": batch["segment_ids"]}
+        return model(batch["inputs"], **kw)
+
+    return jax.jit(forward)(params, batch)
 
 
 def test_padding_and_fill_rows_do_not_change_the_loss(lm_teacher, tmp_path):
-    s = train.setup(student_config(lm_teacher), tmp_path)
+    s = train.setup(student_config(lm_teacher), tmp_path, ONE)
     params = train.create_state(s)["params"]
     rng = np.random.default_rng(0)
 
@@ -139,7 +144,7 @@ def test_padding_and_fill_rows_do_not_change_the_loss(lm_teacher, tmp_path):
 
 
 def test_teacher_is_frozen_and_the_step_trains_the_student(lm_teacher, tmp_path):
-    s = train.setup(student_config(lm_teacher), tmp_path)
+    s = train.setup(student_config(lm_teacher), tmp_path, ONE)
     state = train.create_state(s)
     before = jax.device_get(s.teacher.params)
     step = train.make_train_step(s)
@@ -152,25 +157,28 @@ def test_teacher_is_frozen_and_the_step_trains_the_student(lm_teacher, tmp_path)
         state, metrics = step(state, feed.to_device(s.data.train_batch(0), s.batch_sharding))
     assert np.isfinite(float(metrics["loss"]))
     after = jax.device_get(s.teacher.params)
-    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+    assert all(
+        np.array_equal(x, y)
+        for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True)
+    )
 
 
 def test_resume_is_exact(lm_teacher, tmp_path):
     c = student_config(lm_teacher)
     c.train.steps = 4
     c.train.checkpoint_every = 2
-    train.train(c, tmp_path / "whole")
+    train.train(c, tmp_path / "whole", ONE)
     c.train.stop_at = 2
-    train.train(c, tmp_path / "resumed")
+    train.train(c, tmp_path / "resumed", ONE)
     c.train.stop_at = 0
-    train.train(c, tmp_path / "resumed")
+    train.train(c, tmp_path / "resumed", ONE)
     got = [_params(tmp_path / run, c) for run in ("whole", "resumed")]
     for x, y in zip(jax.tree.leaves(got[0]), jax.tree.leaves(got[1]), strict=True):
         np.testing.assert_array_equal(x, y)
 
 
 def _params(workdir: Path, config) -> dict:
-    s = train.setup(config, workdir, optimizer=False)
+    s = train.setup(config, workdir, ONE, optimizer=False)
     ckpt = Checkpointer(workdir / "checkpoints")
     try:
         return jax.device_get(s.model.restore(ckpt, 4, None))
