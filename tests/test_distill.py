@@ -7,10 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import init_run, tiny_config
 from flax import nnx
 
-from jaxlm import config as config_lib
 from jaxlm import sharding, train
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.compress import distill
@@ -21,18 +20,7 @@ ONE = jax.devices()[:1]  # one device where sharding is not the point: less to c
 
 
 def make_run(config, workdir: Path, tokenizer_sha256: str | None = None) -> Path:
-    """A run directory holding `config`'s freshly initialized model at step 0 (no training):
-    what a teacher needs to be restored. `tokenizer_sha256` stands for another tokenizer."""
-    s = train.setup(config, workdir, ONE)
-    state = train.create_state(s)
-    config_lib.save_config(config, workdir)
-    meta = {**s.state_meta(), "step": 0}
-    if tokenizer_sha256 is not None:
-        meta["tokenizer_sha256"] = tokenizer_sha256
-    ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
-    ckpt.save(0, state, meta)
-    ckpt.close()
-    return workdir
+    return init_run(config, workdir, ONE, tokenizer_sha256)
 
 
 def teacher_config(objective: str = "lm"):

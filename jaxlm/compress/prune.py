@@ -238,7 +238,8 @@ def structured_keep(
 
 
 def shrink(params, keep: dict):
-    """`params` with each module's leaves cut to the kept heads, groups and neurons."""
+    """`params` with each module's leaves cut to the kept heads, groups and neurons (host
+    numpy arrays: the caller places them, e.g. in the smaller model's shardings)."""
 
     def cut(path, x):
         m = _MODULE.match(sharding.path_name(path))
@@ -246,9 +247,9 @@ def shrink(params, keep: dict):
             return x
         axis, which = _SLICES[m["leaf"]]
         idx = keep[m["module"]].get(which)
-        return x if idx is None else jnp.take(x, jnp.asarray(idx), axis=axis)
+        return x if idx is None else np.take(x, idx, axis=axis)
 
-    return jax.tree_util.tree_map_with_path(cut, params)
+    return jax.tree_util.tree_map_with_path(cut, jax.device_get(params))
 
 
 def structured(params, cfg, *, heads: float, neurons: float, norms: dict | None = None):
@@ -315,6 +316,8 @@ def prune_run(workdir, out, request: PruneRequest, step: int | None = None, devi
             neurons=request.neurons,
             norms=norms,
         )
+        small = src.model.build(model_cfg, src.model.mesh, src.model.rules)
+        params = jax.device_put(params, small.shardings)
         config = runs.config_for(src.config, model_cfg, masks="")
     else:
         masks = make_masks(
