@@ -52,9 +52,11 @@ class SourceRun:
         ckpt, step = open_step(config_lib.checkpoint_dir(config, workdir), step, workdir)
         try:
             saved = state.saved_model_config(ckpt.read_meta(step), ckpt.directory / str(step))
-            model = state.ModelState.build(
-                config_lib.model_config(config, saved.vocab_size), mesh, config.mesh.rules
-            )
+            model_cfg = config_lib.model_config(config, saved.vocab_size)
+            # Calibration records activations from Python: a rematerialized block would leak
+            # them out of its trace. remat changes no parameter (nor the saved meta).
+            model_cfg = dataclasses.replace(model_cfg, remat="none")
+            model = state.ModelState.build(model_cfg, mesh, config.mesh.rules)
             params, model = model.load(ckpt, step, sha, names)
         finally:
             ckpt.close()
