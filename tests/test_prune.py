@@ -106,6 +106,7 @@ def test_bad_requests_are_one_line_errors(tmp_path, base):
         (dict(), "prune needs one kind"),
         (dict(sparsity=0.5, heads=0.25), "prune needs one kind"),
         (dict(method="random", sparsity=0.5), "--method 'random'"),
+        (dict(heads=0.25), r"--heads 0.25 is 0.5 of the 2 KV groups .* multiple of 0.5"),
     ]
     for kwargs, message in bad:
         with pytest.raises(ValueError, match=message):

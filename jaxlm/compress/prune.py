@@ -208,6 +208,11 @@ def structured_keep(
             "prune --neurons only"
         )
     k, g = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
+    if abs(heads * k - round(heads * k)) > 1e-6:
+        raise ValueError(
+            f"--heads {heads} is {heads * k:g} of the {k} KV groups per block, and only whole "
+            f"groups (a KV head with its {g} query heads) can go; use a multiple of {1 / k:g}"
+        )
     keep_groups = k - min(round(heads * k), k - 1)
     keep_neurons = cfg.d_ff - min(round(neurons * cfg.d_ff), cfg.d_ff - 1)
     p = {n: np.asarray(jax.device_get(x), np.float32) for n, x in flat(params).items()}
