@@ -176,6 +176,13 @@ def base_config() -> ml_collections.ConfigDict:
     t.peak_tflops = 0.0  # device peak for MFU; 0: look it up from the device kind
     t.init_from = ""  # WORKDIR[:STEP] of a trained run: start from its matching parameters
     t.freeze = ""  # comma-separated regexes of parameter paths (blocks/0/attn/...) kept fixed
+    # Sparsity masks (safetensors of 0/1 by parameter path; jaxlm-compress prune writes
+    # RUN/masks.safetensors): masked weights start at zero and their updates are dropped.
+    t.masks = ""
+    t.distill = dl = ml_collections.ConfigDict()
+    dl.teacher = ""  # WORKDIR[:STEP] of a trained run (same tokenizer) to distill from; "": off
+    dl.temperature = 2.0  # softmax temperature of both models in the KL term (scaled by T^2)
+    dl.alpha = 0.5  # loss = alpha * T^2 * KL(teacher || student) + (1 - alpha) * own objective
 
     c.mesh = mh = ml_collections.ConfigDict()
     mh.dcn_data = 1  # data-parallel axis across slices (multislice over DCN): number of slices

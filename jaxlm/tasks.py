@@ -46,6 +46,10 @@ class Objective:
     eval_sums: Callable[..., dict]
     # accumulated sums -> metrics (floats)
     finish: Callable[[dict], dict]
+    # Token objectives: (model, batch, key, dropout: bool) -> (h_BTD, targets_BT, mask_BT), the
+    # hidden states of the positions loss_sums counts, drawn with loss_sums' masking for `key`
+    # (so a distillation teacher sees what the student sees); None for classify.
+    token_hidden: Callable[..., tuple] | None = None
 
 
 # The decoder's first input (T5 uses the padding id); generate.py starts from the same id.
@@ -87,14 +91,20 @@ def _causal_lm(packed: bool, chunk: int) -> Objective:
     def loss_sums(model, batch, key):
         return evaluate.lm_sums(model, batch, packed=packed, dropout_key=key, logits_chunk=chunk)
 
-    return Objective("lm", loss_sums, _without_randomness(loss_sums), evaluate.finish_lm)
+    def token_hidden(model, batch, key, dropout: bool):
+        h_BTD = evaluate.hidden(model, batch, packed=packed, dropout_key=key if dropout else None)
+        return h_BTD, batch["targets"], batch["loss_mask"]
+
+    return Objective(
+        "lm", loss_sums, _without_randomness(loss_sums), evaluate.finish_lm, token_hidden
+    )
 
 
 def _masked_lm(task, data: DataSource) -> Objective:
     if data.mask_id is None:
         raise ConfigError(MLM_NEEDS_MASK)
 
-    def masked_sums(model, batch, mask_key, dropout_key):
+    def masked_hidden(model, batch, mask_key, dropout_key):
         m = objectives.bert_mask(
             mask_key,
             batch["inputs"],
@@ -113,7 +123,15 @@ def _masked_lm(task, data: DataSource) -> Objective:
             segment_ids_BT=batch["segment_ids"],
             dropout_key=dropout_key,
         )
-        return _token_sums(model, h_BTD, m["targets"], m["loss_mask"], task.logits_chunk)
+        return h_BTD, m["targets"], m["loss_mask"]
+
+    def masked_sums(model, batch, mask_key, dropout_key):
+        h_BTD, targets_BT, mask_BT = masked_hidden(model, batch, mask_key, dropout_key)
+        return _token_sums(model, h_BTD, targets_BT, mask_BT, task.logits_chunk)
+
+    def token_hidden(model, batch, key, dropout: bool):
+        mask_key, dropout_key = jax.random.split(key)
+        return masked_hidden(model, batch, mask_key, dropout_key if dropout else None)
 
     def loss_sums(model, batch, key):
         mask_key, dropout_key = jax.random.split(key)
@@ -122,11 +140,11 @@ def _masked_lm(task, data: DataSource) -> Objective:
     def eval_sums(model, batch, key):
         return masked_sums(model, batch, key, None)
 
-    return Objective("mlm", loss_sums, eval_sums, objectives.finish_tokens)
+    return Objective("mlm", loss_sums, eval_sums, objectives.finish_tokens, token_hidden)
 
 
 def _seq2seq(name: str, chunk: int) -> Objective:
-    def sums(model, batch, dropout_key):
+    def hidden(model, batch, dropout_key):
         # Rows hold one example each, right-padded: the causal decoder never sees its padding,
         # and only the encoder's padding needs masking (cross- and encoder self-attention).
         decoder_inputs = objectives.shift_right(batch["targets"], DECODER_START_ID)
@@ -136,18 +154,31 @@ def _seq2seq(name: str, chunk: int) -> Objective:
             encoder_segment_ids_BS=batch["input_segment_ids"],
             dropout_key=dropout_key,
         )
-        return _token_sums(model, h_BTD, batch["targets"], batch["loss_mask"], chunk)
+        return h_BTD, batch["targets"], batch["loss_mask"]
 
-    return Objective(name, sums, _without_randomness(sums), objectives.finish_tokens)
+    return _token_objective(name, hidden, chunk)
+
+
+def _token_objective(name: str, hidden: Callable, chunk: int) -> Objective:
+    """A token objective whose only randomness is dropout: `hidden(model, batch, dropout_key)`
+    gives the counted positions' hidden states, targets and mask."""
+
+    def sums(model, batch, dropout_key):
+        return _token_sums(model, *hidden(model, batch, dropout_key), chunk)
+
+    def token_hidden(model, batch, key, dropout: bool):
+        return hidden(model, batch, key if dropout else None)
+
+    return Objective(name, sums, _without_randomness(sums), objectives.finish_tokens, token_hidden)
 
 
 def _prefix_lm(chunk: int) -> Objective:
-    def sums(model, batch, dropout_key):
+    def hidden(model, batch, dropout_key):
         b = batch
         tokens, segment_ids, positions = objectives.prefix_lm_rows(
             b["inputs"], b["input_segment_ids"], b["targets"], b["target_segment_ids"]
         )
-        hidden = model.hidden(
+        h_BTD = model.hidden(
             tokens[:, :-1],
             positions_BT=positions[:, :-1],
             segment_ids_BT=segment_ids[:, :-1],
@@ -155,9 +186,9 @@ def _prefix_lm(chunk: int) -> Objective:
         )
         # Column S - 1 (the input's EOS) predicts the first target: project only the targets'.
         s = batch["inputs"].shape[1]
-        return _token_sums(model, hidden[:, s - 1 :], batch["targets"], batch["loss_mask"], chunk)
+        return h_BTD[:, s - 1 :], batch["targets"], batch["loss_mask"]
 
-    return Objective("seq2seq", sums, _without_randomness(sums), objectives.finish_tokens)
+    return _token_objective("seq2seq", hidden, chunk)
 
 
 def _classify(class_weights) -> Objective:

@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxlm import config as config_lib
 from jaxlm import evaluate, finetune, monitor, sharding, storage, tasks, transforms
 from jaxlm.checkpoint import Checkpointer
+from jaxlm.compress import distill, prune
 from jaxlm.data.feed import Prefetcher
 from jaxlm.data.source import build_source
 from jaxlm.data.types import DataSource
@@ -51,6 +52,8 @@ class Setup:
     schedule: optax.Schedule | None = None
     state_shardings: dict | None = None  # params, opt_state and step (training only)
     frozen: object = None  # finetune.freeze_mask: a tree of bools like the params, or None
+    teacher: distill.Teacher | None = None  # train.distill.teacher, restored on this mesh
+    masks: dict | None = None  # train.masks: {kernel path: bool mask}, updates kept at zero
 
     @property
     def mesh(self) -> jax.sharding.Mesh:
@@ -117,6 +120,13 @@ def setup(
     if not optimizer:
         return s
     s.frozen = finetune.freeze_mask(model.abstract, config.train.freeze)
+    if config.train.distill.teacher:
+        s.teacher = distill.load_teacher(config, data, mesh)
+        s.objective = distill.objective(
+            s.objective, s.teacher, *distill.settings(config), config.task.logits_chunk
+        )
+    if config.train.masks:
+        s.masks = prune.load_masks(config.train.masks, model)
     s.tx, s.schedule = make_optimizer(config.optim, config.train.steps, model.abstract, s.frozen)
     s.state_shardings = {
         "params": model.shardings,
@@ -161,40 +171,63 @@ def _microbatches(batch: dict, n: int, batch_sh: NamedSharding) -> dict:
     return jax.tree.map(split, batch)
 
 
-def make_train_step(s: Setup):
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """The jitted step with the run's frozen inputs bound (a distillation teacher's parameters,
+    sparsity masks: arguments, not constants baked into the program): (state, batch)."""
+
+    jitted: object
+    inputs: dict
+
+    def __call__(self, state, batch):
+        return self.jitted(state, batch, self.inputs)
+
+    def lower(self, state, batch):
+        return self.jitted.lower(state, batch, self.inputs)
+
+
+def make_train_step(s: Setup) -> TrainStep:
     """jit(train_step) with explicit in/out shardings and the state donated."""
     graphdef, tx, n_micro = s.graphdef, s.tx, s.config.optim.grad_accum_steps
     base_key = jax.random.fold_in(jax.random.key(s.config.train.seed), 2)
     loss_sums = s.objective.loss_sums
+    inputs, input_shardings = {}, {}
+    if s.teacher is not None:  # the teacher's parameters reach the loss as a keyword
+        inputs["teacher"], input_shardings["teacher"] = s.teacher.params, s.teacher.model.shardings
+    if s.masks is not None:
+        inputs["masks"] = s.masks
+        input_shardings["masks"] = {n: m.sharding for n, m in s.masks.items()}
 
-    def summed_loss(params, mb, key):
-        sums = loss_sums(nnx.merge(graphdef, params), mb, key)
+    def summed_loss(params, mb, key, teacher):
+        extra = {} if teacher is None else {"teacher_params": teacher}
+        sums = loss_sums(nnx.merge(graphdef, params), mb, key, **extra)
         return sums["nll"], sums
 
     grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
 
-    def train_step(state, batch):
-        params = state["params"]
+    def train_step(state, batch, inputs):
+        params, teacher = state["params"], inputs.get("teacher")
         # Dropout and masking keys are a function of (seed, step): resume continues exactly.
         key = jax.random.fold_in(base_key, state["step"])
         if n_micro == 1:
-            (_, sums), grads = grad_fn(params, batch, key)
+            (_, sums), grads = grad_fn(params, batch, key, teacher)
         else:
 
             def accumulate(carry, xs):
                 mb, i = xs
-                (_, sums_i), g_i = grad_fn(params, mb, jax.random.fold_in(key, i))
+                (_, sums_i), g_i = grad_fn(params, mb, jax.random.fold_in(key, i), teacher)
                 return jax.tree.map(jnp.add, carry, (sums_i, g_i)), None
 
             mbs = _microbatches(batch, n_micro, s.batch_sharding)
             first = jax.tree.map(lambda x: x[0], mbs)
-            sums_shape = jax.eval_shape(summed_loss, params, first, key)[1]
+            sums_shape = jax.eval_shape(summed_loss, params, first, key, teacher)[1]
             zero = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (sums_shape, params))
             (sums, grads), _ = jax.lax.scan(accumulate, zero, (mbs, jnp.arange(n_micro)))
         # Sums over the whole batch, then one division: microbatching does not change the mean.
         tokens = jnp.maximum(sums["tokens"], 1.0)
         grads = jax.tree.map(lambda g: g / tokens, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
+        updates = prune.apply_masks(updates, inputs.get("masks"))  # pruned weights stay zero
         new_state = {
             "params": optax.apply_updates(params, updates),
             "opt_state": opt_state,
@@ -208,13 +241,14 @@ def make_train_step(s: Setup):
         return new_state, metrics
 
     replicated = NamedSharding(s.mesh, PartitionSpec())
-    return jax.jit(
+    jitted = jax.jit(
         train_step,
         # One sharding for every batch array (a pytree prefix): rows split over the batch axes.
-        in_shardings=(s.state_shardings, s.batch_sharding),
+        in_shardings=(s.state_shardings, s.batch_sharding, input_shardings),
         out_shardings=(s.state_shardings, replicated),
         donate_argnums=(0,),
     )
+    return TrainStep(jitted, inputs)
 
 
 def train(config, workdir: str | Path, devices=None) -> dict:
@@ -255,6 +289,7 @@ def restore_or_init(s: Setup, ckpt: Checkpointer) -> dict:
                 s.data.tokenizer_sha256,
             )
             monitor.console(finetune.summary_line(report))
+        state["params"] = prune.apply_masks(state["params"], s.masks)
         return state
     monitor.console(f"resuming from checkpoint at step {latest} in {ckpt.directory}")
     return ckpt.restore(latest, abstract_state(s), expect_meta=s.state_meta())

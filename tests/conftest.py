@@ -40,7 +40,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from jaxlm import config as config_lib  # noqa: E402
 from jaxlm import sharding, train  # noqa: E402
+from jaxlm.checkpoint import Checkpointer  # noqa: E402
 from jaxlm.config import OBJECTIVE_FAMILY, base_config  # noqa: E402
 from jaxlm.data import feed  # noqa: E402
 
@@ -93,6 +95,21 @@ def losses_after(config, devices, tmp_path, steps: int = 3) -> list[float]:
             state, metrics = step_fn(state, feed.to_device(s.data.train_batch(i), s.batch_sharding))
             out.append(float(metrics["loss"]))
     return out
+
+
+def init_run(config, workdir: Path, devices=None, tokenizer_sha256: str | None = None) -> Path:
+    """A run directory holding `config`'s freshly initialized model at step 0, without training
+    (what compression and distillation read). `tokenizer_sha256` stands for another tokenizer."""
+    s = train.setup(config, workdir, devices)
+    state = train.create_state(s)
+    config_lib.save_config(config, workdir)
+    meta = {**s.state_meta(), "step": 0}
+    if tokenizer_sha256 is not None:
+        meta["tokenizer_sha256"] = tokenizer_sha256
+    ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
+    ckpt.save(0, state, meta)
+    ckpt.close()
+    return workdir
 
 
 @pytest.fixture

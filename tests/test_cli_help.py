@@ -20,6 +20,7 @@ BIN = Path(sys.executable).parent  # the venv's console scripts (pip install -e)
         ("jaxlm-bench", "--topology"),
         ("jaxlm-data", "--shard_tokens"),
         ("jaxlm-convert", "--max_shard_size"),
+        ("jaxlm-compress", "--calibration_batches"),
     ],
 )
 def test_help_lists_the_programs_flags(program, flag):

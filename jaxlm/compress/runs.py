@@ -1,0 +1,132 @@
+"""A trained run read for compression, and a new run directory written whole or not at all.
+
+`SourceRun.open(workdir)` restores a run's parameters through ModelState (and its
+model.transforms) with no optimizer and no data; `data()` builds its data only when a method
+calibrates. `write_run` writes config.json, the tokenizer, one params checkpoint and any extra
+files into a temporary sibling and renames it into place, so a failed or interrupted compression
+leaves no directory behind; the result loads in every program like a trained run.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxlm import config as config_lib
+from jaxlm import sharding, state, tasks, transforms
+from jaxlm.checkpoint import Checkpointer, open_step
+from jaxlm.data import tokenizer as tokenizer_lib
+from jaxlm.data.feed import to_device
+from jaxlm.data.source import build_source
+from jaxlm.data.types import DataSource
+from jaxlm.models.transformer import TransformerConfig
+
+# Fields of a model config that change no parameter: the new run keeps its source's values.
+_FREE = ("dropout", "attention_impl", "dtype", "remat")
+
+
+@dataclasses.dataclass
+class SourceRun:
+    workdir: Path
+    config: object
+    model: state.ModelState
+    params: dict
+    step: int
+    tokenizer_sha256: str | None
+
+    @classmethod
+    def open(cls, workdir: str | Path, step: int | None = None, devices=None) -> SourceRun:
+        config = config_lib.load_run_config(workdir)
+        config = config_lib.for_platform(config, jax.devices()[0].platform)
+        names = transforms.check(config_lib.transform_names(config))
+        tok = tokenizer_lib.run_file(workdir)
+        sha = None if tok is None else tokenizer_lib.load(tok).sha256
+        mesh = sharding.mesh_from_config(config.mesh, devices)
+        ckpt, step = open_step(config_lib.checkpoint_dir(config, workdir), step, workdir)
+        try:
+            saved = state.saved_model_config(ckpt.read_meta(step), ckpt.directory / str(step))
+            model_cfg = config_lib.model_config(config, saved.vocab_size)
+            # Calibration records activations from Python: a rematerialized block would leak
+            # them out of its trace. remat changes no parameter (nor the saved meta).
+            model_cfg = dataclasses.replace(model_cfg, remat="none")
+            model = state.ModelState.build(model_cfg, mesh, config.mesh.rules)
+            params, model = model.load(ckpt, step, sha, names)
+        finally:
+            ckpt.close()
+        return cls(Path(workdir), config, model, params, step, sha)
+
+    def data(self) -> DataSource:
+        return build_source(config_lib.data_spec(self.config), self.workdir)
+
+    def calibration_batches(self, data: DataSource, n: int) -> list[dict]:
+        """The first `n` training batches (the run's (seed, step) order), on device."""
+        batch_sh = sharding.batch_sharding(self.model.mesh)
+        return [to_device(data.train_batch(i), batch_sh) for i in range(n)]
+
+    def eval_sums(self, data: DataSource):
+        return tasks.make_objective(self.config, data).eval_sums
+
+
+def config_for(config, model_cfg: TransformerConfig, **train):
+    """A copy of `config` describing `model_cfg` (every dimension explicit, no transforms:
+    the parameters are saved transformed) with train.* keys set from `train`."""
+    config = copy.deepcopy(config)
+    for f in dataclasses.fields(TransformerConfig):
+        if f.name not in _FREE:
+            config.model[f.name] = getattr(model_cfg, f.name)
+    config.model.transforms = ""
+    for key, value in train.items():
+        config.train[key] = value
+    config.train.init_from = ""
+    return config
+
+
+def write_run(
+    out: str | Path,
+    source: SourceRun,
+    config,
+    params: dict,
+    model_cfg: TransformerConfig,
+    files: dict[str, bytes],
+    record: dict,
+) -> Path:
+    """Write the new run `out` (which must not exist) atomically; returns its path.
+
+    `files` are extra files by name (masks); `record` goes to compress.json with the source.
+    """
+    out = Path(out).absolute()
+    if out.exists():
+        raise FileExistsError(f"--out {out} exists; pick a new directory (nothing was written)")
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        tmp_config = copy.deepcopy(config)
+        tmp_config.train.checkpoint_dir = ""  # the new run's checkpoints live inside it
+        config_lib.save_config(tmp_config, tmp)
+        tok = tokenizer_lib.run_file(source.workdir)
+        if tok is not None:
+            shutil.copy2(tok, tmp / tok.name)
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        meta = {**state.checkpoint_meta(model_cfg, source.tokenizer_sha256), "step": source.step}
+        ckpt = Checkpointer(tmp / "checkpoints", keep=1, async_save=False)
+        try:
+            step = np.int32(source.step)
+            ckpt.save(source.step, {"params": params, "step": step}, meta)
+        finally:
+            ckpt.close()
+        full = {"source": str(source.workdir), "source_step": source.step, **record}
+        (tmp / "compress.json").write_text(json.dumps(full, indent=2) + "\n")
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
