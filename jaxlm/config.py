@@ -89,6 +89,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Parameter transforms applied when this run's checkpoint is loaded for use (eval, generate,
     # init_from; not resume): comma-separated names of jaxlm/transforms.py or package.module:fn.
     m.transforms = ""
+    # Written by `jaxlm-compress quantize`, not set by hand: block matmul kernels stored as
+    # integers plus scales (none, int8, int4), and the input rows that share one scale (0: all).
+    m.quant = "none"
+    m.quant_group_size = 0
 
     c.task = k = ml_collections.ConfigDict()
     k.objective = "lm"  # lm: next token (model.family=decoder); mlm: masked tokens (encoder)
@@ -167,6 +171,12 @@ def base_config() -> ml_collections.ConfigDict:
     t.peak_tflops = 0.0  # device peak for MFU; 0: look it up from the device kind
     t.init_from = ""  # WORKDIR[:STEP] of a trained run: start from its matching parameters
     t.freeze = ""  # comma-separated regexes of parameter paths (blocks/0/attn/...) kept fixed
+    t.qat = False  # quantization-aware training: int8 weights and inputs of block matmuls
+    # LoRA (jaxlm/compress/lora.py): rank > 0 trains low-rank adapters on the kernels matching
+    # lora_targets (comma-separated regexes) of the frozen train.init_from run, scaled alpha/rank.
+    t.lora_rank = 0
+    t.lora_alpha = 16.0
+    t.lora_targets = "attn/query,attn/value"
 
     c.mesh = mh = ml_collections.ConfigDict()
     mh.dcn_data = 1  # data-parallel axis across slices (multislice over DCN): number of slices

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxlm import config as config_lib
 from jaxlm import evaluate, finetune, monitor, sharding, storage, tasks, transforms
 from jaxlm.checkpoint import Checkpointer
+from jaxlm.compress import lora
 from jaxlm.data.feed import Prefetcher
 from jaxlm.data.source import build_source
 from jaxlm.data.types import DataSource
@@ -51,6 +53,9 @@ class Setup:
     schedule: optax.Schedule | None = None
     state_shardings: dict | None = None  # params, opt_state and step (training only)
     frozen: object = None  # finetune.freeze_mask: a tree of bools like the params, or None
+    lora: lora.LoraPlan | None = None  # train.lora_rank > 0: the state's params are adapters
+    base: dict | None = None  # LoRA: the frozen base parameters (train.init_from)
+    _merge: object = None  # LoRA: jit(lora.merge), built on first use
 
     @property
     def mesh(self) -> jax.sharding.Mesh:
@@ -73,15 +78,33 @@ class Setup:
         # Freezing changes the optimizer state's layout, so a resume must keep it; named here
         # so that changing it gives a one-line error naming the key, not a shape mismatch.
         # (Patterns are compared as written, normalized for blanks: "^embed" and "embed" differ.)
-        return {
+        meta = {
             **self.meta(),
             "train.freeze": finetune.normalized_patterns(self.config.train.freeze),
         }
+        if self.lora is not None:
+            meta["train.lora"] = self.lora.meta(self.config.train.init_from)
+        return meta
+
+    @property
+    def trained(self) -> dict:
+        """Abstract parameters the optimizer updates: the model's, or LoRA's adapters."""
+        return self.model.abstract if self.lora is None else self.lora.abstract
+
+    def model_params(self, params: dict) -> dict:
+        """The model's parameters for a train state's `params` (LoRA: merged into the base)."""
+        if self.lora is None:
+            return params
+        if self._merge is None:  # compiled once per run
+            plan = self.lora
+            fn = lambda base, ad: lora.merge(base, ad, plan)
+            self._merge = jax.jit(fn, out_shardings=self.model.shardings)
+        return self._merge(self.base, params)
 
 
-def init_state(model_cfg: TransformerConfig, tx, seed: int) -> dict:
+def init_state(model_cfg: TransformerConfig, tx, seed: int, plan=None) -> dict:
     """Fresh train state; run under jit with out_shardings so it is born sharded."""
-    params = init_params(model_cfg, seed)
+    params = init_params(model_cfg, seed) if plan is None else lora.init_adapters(plan, seed)
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
 
@@ -116,10 +139,18 @@ def setup(
     )
     if not optimizer:
         return s
-    s.frozen = finetune.freeze_mask(model.abstract, config.train.freeze)
-    s.tx, s.schedule = make_optimizer(config.optim, config.train.steps, model.abstract, s.frozen)
+    if model.model_cfg.quant != "none":
+        raise config_lib.ConfigError(
+            f"model.quant={model.model_cfg.quant}: a quantized run is for jaxlm-eval and "
+            "jaxlm-generate; train (or fine-tune with train.init_from) the float run it came from"
+        )
+    if config.train.lora_rank > 0:
+        s.lora = lora.make_plan(config.train, model)
+    else:
+        s.frozen = finetune.freeze_mask(model.abstract, config.train.freeze)
+    s.tx, s.schedule = make_optimizer(config.optim, config.train.steps, s.trained, s.frozen)
     s.state_shardings = {
-        "params": model.shardings,
+        "params": model.shardings if s.lora is None else s.lora.shardings,
         "opt_state": sharding.state_shardings(_opt_shapes(s), model.shardings, mesh),
         "step": NamedSharding(mesh, PartitionSpec()),
     }
@@ -129,11 +160,11 @@ def setup(
 def _opt_shapes(s: Setup):
     """The optimizer state's shapes, from the model state's abstract parameters (the model is
     not traced again)."""
-    return jax.eval_shape(s.tx.init, s.model.abstract)
+    return jax.eval_shape(s.tx.init, s.trained)
 
 
 def create_state(s: Setup) -> dict:
-    fn = lambda: init_state(s.model_cfg, s.tx, s.config.train.seed)
+    fn = lambda: init_state(s.model_cfg, s.tx, s.config.train.seed, s.lora)
     with sharding.use_rules(s.mesh, s.config.mesh.rules):
         return jax.jit(fn, out_shardings=s.state_shardings)()
 
@@ -141,7 +172,7 @@ def create_state(s: Setup) -> dict:
 def abstract_state(s: Setup) -> dict:
     """ShapeDtypeStructs with the target shardings, for checkpoint restore."""
     shapes = {
-        "params": s.model.abstract,
+        "params": s.trained,
         "opt_state": _opt_shapes(s),
         "step": jax.ShapeDtypeStruct((), jnp.int32),
     }
@@ -167,28 +198,33 @@ def make_train_step(s: Setup):
     base_key = jax.random.fold_in(jax.random.key(s.config.train.seed), 2)
     loss_sums = s.objective.loss_sums
 
-    def summed_loss(params, mb, key):
-        sums = loss_sums(nnx.merge(graphdef, params), mb, key)
+    plan = s.lora
+
+    def summed_loss(params, mb, key, base):
+        # LoRA: the step's params are the adapters, merged into the frozen base here, so the
+        # gradient reaches the adapters alone.
+        full = params if plan is None else lora.merge(base, params, plan)
+        sums = loss_sums(nnx.merge(graphdef, full), mb, key)
         return sums["nll"], sums
 
     grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
 
-    def train_step(state, batch):
+    def train_step(state, batch, base=None):
         params = state["params"]
         # Dropout and masking keys are a function of (seed, step): resume continues exactly.
         key = jax.random.fold_in(base_key, state["step"])
         if n_micro == 1:
-            (_, sums), grads = grad_fn(params, batch, key)
+            (_, sums), grads = grad_fn(params, batch, key, base)
         else:
 
             def accumulate(carry, xs):
                 mb, i = xs
-                (_, sums_i), g_i = grad_fn(params, mb, jax.random.fold_in(key, i))
+                (_, sums_i), g_i = grad_fn(params, mb, jax.random.fold_in(key, i), base)
                 return jax.tree.map(jnp.add, carry, (sums_i, g_i)), None
 
             mbs = _microbatches(batch, n_micro, s.batch_sharding)
             first = jax.tree.map(lambda x: x[0], mbs)
-            sums_shape = jax.eval_shape(summed_loss, params, first, key)[1]
+            sums_shape = jax.eval_shape(summed_loss, params, first, key, base)[1]
             zero = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (sums_shape, params))
             (sums, grads), _ = jax.lax.scan(accumulate, zero, (mbs, jnp.arange(n_micro)))
         # Sums over the whole batch, then one division: microbatching does not change the mean.
@@ -208,13 +244,17 @@ def make_train_step(s: Setup):
         return new_state, metrics
 
     replicated = NamedSharding(s.mesh, PartitionSpec())
-    return jax.jit(
-        train_step,
+    jitted = jax.jit(
+        train_step if plan is not None else functools.partial(train_step, base=None),
         # One sharding for every batch array (a pytree prefix): rows split over the batch axes.
-        in_shardings=(s.state_shardings, s.batch_sharding),
+        in_shardings=(s.state_shardings, s.batch_sharding)
+        + (() if plan is None else (s.model.shardings,)),
         out_shardings=(s.state_shardings, replicated),
         donate_argnums=(0,),
     )
+    if plan is None:
+        return jitted
+    return lambda state, batch: jitted(state, batch, s.base)  # s.base: set at restore_or_init
 
 
 def train(config, workdir: str | Path, devices=None) -> dict:
@@ -245,9 +285,15 @@ def train(config, workdir: str | Path, devices=None) -> dict:
 
 def restore_or_init(s: Setup, ckpt: Checkpointer) -> dict:
     latest = ckpt.latest_complete_step()
+    if s.lora is not None:  # the frozen base, on every start and resume
+        s.base = lora.load_base(s.config.train.init_from, s.model, s.data.tokenizer_sha256)
+        monitor.console(
+            f"LoRA: {s.lora.num_trainable()} trainable parameters in adapters of rank "
+            f"{s.lora.rank} on {len(s.lora.targets)} kernels of {s.config.train.init_from}"
+        )
     if latest is None:
         state = create_state(s)
-        if s.config.train.init_from:  # a fresh run only: resuming takes its own checkpoint
+        if s.config.train.init_from and s.lora is None:  # fresh only: a resume has its own
             state["params"], report = finetune.load_pretrained(
                 s.config.train.init_from,
                 state["params"],
@@ -297,7 +343,8 @@ class _Loop:
                 )
             stop = self.stop
             state, step = self._steps(state, start, stop)
-            final = self._evaluate(step, state["params"]) if step >= cfg.steps else None
+            done = step >= cfg.steps
+            final = self._evaluate(step, s.model_params(state["params"])) if done else None
             if final is None:  # a signal (also during the final eval), or train.stop_at
                 self._save(step, state)
                 self.ckpt.wait()
@@ -331,7 +378,7 @@ class _Loop:
                     self._finish(*pending)
                     pending = None
                 if evaluating and step < cfg.steps:
-                    self._evaluate(step, state["params"])
+                    self._evaluate(step, s.model_params(state["params"]))
                 if saving and step < cfg.steps:
                     self._save(step, state)
                 if evaluating or saving:

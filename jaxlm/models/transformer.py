@@ -28,6 +28,7 @@ from jaxlm.models.heads import (
     vocab_logits,
 )
 from jaxlm.models.layers import MLP, MLP_KINDS, Embed, dropout, dtype_of, make_norm, make_param
+from jaxlm.models.quant import QUANT_KINDS
 
 FAMILIES = ("decoder", "encoder", "encoder_decoder")
 POSITIONS = ("rope", "learned", "relative")
@@ -63,6 +64,9 @@ class TransformerConfig:
     relative_max_distance: int = 128  # positions=relative: offsets past this share a bucket
     num_classes: int = 0  # > 0 adds a classification head (`classify`)
     pooling: str = "auto"  # classification: first, mean, last; auto = first (encoder), last
+    quant: str = "none"  # none, int8, int4: block matmul kernels stored as integers + scales
+    quant_group_size: int = 0  # input rows per quantization scale; 0: one scale per output
+    qat: bool = False  # int8 fake-quant of block matmul inputs and kernels (train.qat)
 
     def __post_init__(self):
         for name, choices in (
@@ -70,6 +74,7 @@ class TransformerConfig:
             ("positions", POSITIONS),
             ("pooling", POOLINGS),
             ("mlp", tuple(MLP_KINDS)),
+            ("quant", QUANT_KINDS),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(
