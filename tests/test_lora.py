@@ -151,7 +151,7 @@ def test_adapter_checkpoint_is_small_on_pylm_tiny(tmp_path, one_device):
     """Saved train state (params + Adam's two moments) of pylm_tiny's shape, random values so
     compression cannot help: full model vs rank-8 adapters on query and value."""
     c = config_lib.load_config(Path(__file__).parents[1] / "experiments" / "pylm_tiny.py")
-    c.train.lora_rank, c.train.lora_alpha = 8, 16.0
+    c.train.lora_rank, c.train.lora_alpha, c.train.init_from = 8, 16.0, "base"
     ms = ModelState.build(
         config_lib.model_config(c, 2048), Mesh(np.array(one_device), ("data",)), ()
     )

@@ -73,6 +73,11 @@ class LoraPlan:
 def make_plan(train_cfg, ms: ModelState) -> LoraPlan:
     """The adapters train.lora_* asks for on the model `ms`; one-line ConfigErrors otherwise."""
     rank, alpha = train_cfg.lora_rank, float(train_cfg.lora_alpha)
+    if not train_cfg.init_from:
+        raise ConfigError(
+            "train.lora_rank > 0 needs train.init_from=WORKDIR[:STEP]: the base run whose "
+            "kernels the adapters modify"
+        )
     patterns = finetune.normalized_patterns(train_cfg.lora_targets).split(",")
     regexes = []
     for text in filter(None, patterns):
@@ -171,11 +176,6 @@ def merge(base: dict, adapters: dict, plan: LoraPlan) -> dict:
 def load_base(init_from: str, ms: ModelState, tokenizer_sha256: str | None) -> dict:
     """The frozen base parameters: every one of them from train.init_from (a LoRA run trains no
     fresh parameter), in `ms`'s layout."""
-    if not init_from:
-        raise ConfigError(
-            "train.lora_rank > 0 needs train.init_from=WORKDIR[:STEP]: the base run whose "
-            "kernels the adapters modify"
-        )
     zeros = jax.jit(
         lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), ms.abstract),
         out_shardings=ms.shardings,
