@@ -8,6 +8,9 @@ numbers; for seq2seq it also decodes the validation inputs for BLEU (jaxlm/seq2s
     lm = LanguageModel.load("runs/demo")
     lm.score(["def f(x):\\n    return x\\n"])   # per-token log-probs
     lm.generate(["import "], max_new_tokens=32, temperature=0.8, top_k=40)
+
+`LanguageModel.from_pretrained(hf_dir)` converts a Hugging Face folder in memory
+(jaxlm/interop/); `jaxlm-convert import` writes it as a run directory instead.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlm import config as config_lib
-from jaxlm import eval_loop, monitor, seq2seq_eval, sharding, state, train, transforms
+from jaxlm import eval_loop, interop, monitor, seq2seq_eval, sharding, state, train, transforms
 from jaxlm.checkpoint import Checkpointer, open_step
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.generate import BeamSettings, SamplingSettings, make_generate
@@ -140,6 +143,27 @@ class LanguageModel:
         finally:
             ckpt.close()
         return cls(config, model, params, tokenizer, step)
+
+    @classmethod
+    def from_pretrained(cls, hf_dir: str | Path, overrides=(), devices=None):
+        """A Hugging Face model folder (GPT-2, LLaMA, ...: jaxlm/interop/), converted in memory
+        with its tokenizer; no run directory is written."""
+        config, params = interop.load_hf(hf_dir)
+        config_lib.apply_overrides(config, overrides)
+        config_lib.validate(config)
+        config = config_lib.for_platform(config, jax.devices()[0].platform)
+        if config.model.family != "decoder":
+            raise ValueError(
+                f"{hf_dir} holds a model.family={config.model.family} model; scoring and "
+                "generation need a decoder: import it with jaxlm-convert and use jaxlm-eval"
+            )
+        tokenizer = interop.convert.hf_tokenizer(hf_dir)
+        mesh = sharding.mesh_from_config(config.mesh, devices)
+        cfg = config_lib.model_config(config, config.model.vocab_size)
+        model = ModelState.build(cfg, mesh, config.mesh.rules)
+        names = transforms.check(config_lib.transform_names(config))
+        params, model = model.transformed(jax.device_put(params, model.shardings), names)
+        return cls(config, model, params, tokenizer, 0)
 
     @property
     def context_len(self) -> int:

@@ -19,6 +19,7 @@ BIN = Path(sys.executable).parent  # the venv's console scripts (pip install -e)
         ("jaxlm-generate", "--top_p"),
         ("jaxlm-bench", "--topology"),
         ("jaxlm-data", "--shard_tokens"),
+        ("jaxlm-convert", "--max_shard_size"),
     ],
 )
 def test_help_lists_the_programs_flags(program, flag):
