@@ -3,6 +3,7 @@ a merge command writes a plain run."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import jax
@@ -15,10 +16,11 @@ from jax.sharding import Mesh
 from jaxlm import config as config_lib
 from jaxlm import train
 from jaxlm.checkpoint import Checkpointer
-from jaxlm.compress import lora, runs
+from jaxlm.compress import lora, peft_export, runs
 from jaxlm.config import ConfigError
 from jaxlm.finetune import flat_params
 from jaxlm.inference import LanguageModel, evaluate_run
+from jaxlm.interop import convert
 from jaxlm.state import ModelState
 
 RANK = 4
@@ -179,3 +181,35 @@ def test_bad_settings_are_one_line_errors(stdlib_lm_run, tmp_path):
         with pytest.raises(ConfigError, match=message):
             train.train(c, tmp_path / str(i))
         assert not (tmp_path / str(i) / "checkpoints").exists()
+
+
+def test_peft_export_loads_on_the_transformers_model(tmp_path, one_device):
+    """A LoRA run on a LLaMA imported from transformers, exported for peft: same logits."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    torch = pytest.importorskip("torch")
+    transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, vocab_size=64, max_position_embeddings=64,
+        tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    convert.import_hf(tmp_path / "hf", tmp_path / "base")
+    c = config_lib.load_run_config(tmp_path / "base")
+    c.model.dtype, c.data.batch_size, c.data.seq_len = "float32", 8, 16
+    c.train.init_from, c.train.lora_rank, c.train.lora_alpha = str(tmp_path / "base"), 4, 8.0
+    c.train.lora_targets = "attn/query,attn/value,attn/out"  # out: a [heads, head_dim, d] input
+    c.train.steps, c.train.checkpoint_every, c.train.eval_every, c.train.eval_steps = 2, 2, 0, 1
+    c.optim.lr, c.optim.warmup_steps = 5e-2, 0
+    train.train(c, tmp_path / "lora", one_device)
+    result = peft_export.export_peft(tmp_path / "lora", tmp_path / "peft")
+    assert result["architecture"] == "LlamaForCausalLM" and result["tensors"] == 12
+    tokens = np.array([[1, 5, 9, 11, 3, 7, 2, 8]])
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "peft")(torch.tensor(tokens))
+    _, plan, adapters, base, ms, _, _ = lora.restore_run(tmp_path / "lora", devices=one_device)
+    ours = ms.merge(lora.merge(base, adapters, plan))(jnp.asarray(tokens))
+    np.testing.assert_allclose(ours, theirs.logits.numpy(), atol=1e-4, rtol=0)
+    assert float(jnp.abs(ours - ms.merge(base)(jnp.asarray(tokens))).max()) > 1e-3

@@ -190,9 +190,10 @@ def load_base(init_from: str, ms: ModelState, tokenizer_sha256: str | None) -> d
     return params
 
 
-def restore_run(workdir: str | Path, step: int | None = None, devices=None):
+def restore_run(workdir: str | Path, step: int | None = None, devices=None, base: bool = True):
     """(config, plan, adapters, base params, model state, step, meta) of a LoRA run's
-    checkpoint (the latest unless `step`), its base restored from its train.init_from."""
+    checkpoint (the latest unless `step`), its base restored from its train.init_from (None
+    when not `base`)."""
     config = config_lib.load_run_config(workdir)
     if config.train.lora_rank <= 0:
         raise ConfigError(
@@ -208,8 +209,9 @@ def restore_run(workdir: str | Path, step: int | None = None, devices=None):
         adapters = ckpt.restore_params(step, plan.abstract)
     finally:
         ckpt.close()
-    base = load_base(config.train.init_from, ms, meta.get("tokenizer_sha256"))
-    return config, plan, adapters, base, ms, step, meta
+    if base:
+        base = load_base(config.train.init_from, ms, meta.get("tokenizer_sha256"))
+    return config, plan, adapters, base or None, ms, step, meta
 
 
 def merge_run(workdir: str | Path, out: str | Path, step: int | None = None) -> dict:
