@@ -145,6 +145,12 @@ def test_merge_run_writes_a_plain_run(lora_run, tmp_path):
     np.testing.assert_allclose(lm.state.merge(lm.params)(tokens), want, atol=1e-6, rtol=0)
     assert np.isfinite(metrics["bits_per_byte"])
     assert lm.generate(["def "], max_new_tokens=4, temperature=0.0)
+    # The LoRA run itself evaluates and generates as its merge does (adapters merged on load).
+    direct = evaluate_run(lora_run, max_batches=2)
+    assert abs(direct["bits_per_byte"] - metrics["bits_per_byte"]) < 1e-6
+    direct_lm = LanguageModel.load(lora_run)
+    got = direct_lm.state.merge(direct_lm.params)(tokens)
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
     with pytest.raises(ConfigError, match="already exists"):
         lora.merge_run(lora_run, out)
 

@@ -214,6 +214,17 @@ def restore_run(workdir: str | Path, step: int | None = None, devices=None, base
     return config, plan, adapters, base or None, ms, step, meta
 
 
+def load_merged(config, ms: ModelState, ckpt, step: int, tokenizer_sha256: str | None) -> dict:
+    """A LoRA run's checkpoint `step` as the model's parameters: its adapters (checked against
+    the model and tokenizer) merged in fp32 into the base they were trained on."""
+    plan = make_plan(config.train, ms)
+    adapters = ckpt.restore_params(step, plan.abstract, expect_meta=ms.meta(tokenizer_sha256))
+    base = load_base(config.train.init_from, ms, tokenizer_sha256)
+    with ms.rules_context():
+        fn = jax.jit(lambda b, a: merge(b, a, plan), out_shardings=ms.shardings)
+        return fn(base, adapters)
+
+
 def merge_run(workdir: str | Path, out: str | Path, step: int | None = None) -> dict:
     """Write OUT: a plain run whose kernels are the LoRA run's merged ones (fp32 merge)."""
     runs.check_out(out)  # before any restore
