@@ -10,8 +10,12 @@ Commands:  jaxlm-train --config experiments/pylm_docstring_lora.py --workdir run
            jaxlm-eval --workdir runs/docstring_lora --max_batches 0
            jaxlm-compress merge-lora --workdir runs/docstring_lora --out runs/docstring_merged
 Hardware:  a 2-core CPU, no accelerator, shared with other runs.
-Result:    see README "Compression" (LoRA vs full fine-tuning, measured from a 300-step
-           pylm_tiny base for 150 steps each on 2026-12-02: trainable parameters, BLEU, bytes).
+Result:    2026-12-02, from the 300-step pylm_tiny run (--config.train.init_from=runs/pylm300
+           --config.train.steps=120 --config.train.eval_every=0 --config.optim.warmup_steps=15),
+           all 164 validation pairs, greedy: 14,336 trainable parameters, loss 4.92, BLEU 0.32,
+           chrF 12.5, checkpoint 265,525 bytes, 300 s; pylm_docstring.py with the same flags
+           (full fine-tuning, 1,246,336 parameters): loss 4.35, BLEU 0.29, chrF 14.1,
+           14,004,289 bytes, 367 s. See README "Compression".
 """
 
 from pathlib import Path
