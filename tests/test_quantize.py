@@ -122,6 +122,9 @@ def test_a_quantized_run_does_not_train(int8_run, tmp_path):
     c = config_lib.load_run_config(int8_run)
     with pytest.raises(ConfigError, match="model.quant=int8: a quantized run is for jaxlm-eval"):
         train.train(c, tmp_path / "run")
+    c.model.quant, c.train.init_from = "none", str(int8_run)
+    with pytest.raises(ConfigError, match=r"is quantized \(model.quant=int8\); start from"):
+        train.train(c, tmp_path / "ft")
 
 
 def test_qat_trains_finite_and_resumes_exactly(tmp_path, one_device):
