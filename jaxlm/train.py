@@ -149,9 +149,10 @@ def setup(
     else:
         s.frozen = finetune.freeze_mask(model.abstract, config.train.freeze)
     s.tx, s.schedule = make_optimizer(config.optim, config.train.steps, s.trained, s.frozen)
+    trained = model.shardings if s.lora is None else s.lora.shardings
     s.state_shardings = {
-        "params": model.shardings if s.lora is None else s.lora.shardings,
-        "opt_state": sharding.state_shardings(_opt_shapes(s), model.shardings, mesh),
+        "params": trained,
+        "opt_state": sharding.state_shardings(_opt_shapes(s), trained, mesh),
         "step": NamedSharding(mesh, PartitionSpec()),
     }
     return s

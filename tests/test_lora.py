@@ -98,6 +98,12 @@ def test_only_adapters_train_and_are_saved(stdlib_lm_run, lora_run):
     )
     # The base run is untouched, and the base the LoRA run restores is bit-identical to it.
     s = train.setup(lora_config(stdlib_lm_run), lora_run)
+    # Adam's moments are laid out as their adapters are.
+    name = "blocks/0/attn/query/lora_a"
+    moments = [
+        sh for n, sh in flat_params(s.state_shardings["opt_state"]).items() if n.endswith(name)
+    ]
+    assert len(moments) == 2 and all(sh == flat_params(s.lora.shardings)[name] for sh in moments)
     again = lora.load_base(str(stdlib_lm_run), s.model, s.data.tokenizer_sha256)
     for name, leaf in flat_params(again).items():
         np.testing.assert_array_equal(np.asarray(leaf), flat_params(base)[name], err_msg=name)
