@@ -9,7 +9,9 @@ Commands:  jaxlm-train --config experiments/pylm_tiny.py --workdir runs/pylm300 
            jaxlm-compress quantize --workdir runs/pylm300_qat --out runs/pylm300_qat_int8 --bits 8
            jaxlm-eval --workdir runs/pylm300_qat_int8 --max_batches 0
 Hardware:  a 2-core CPU, no accelerator, shared with other runs.
-Result:    QAT_RESULT
+Result:    2026-12-02, from the 300-step run (1.79663 bits/byte): 1.7763 bits/byte after 60 QAT
+           steps (its eval runs with int8 weights and activations), 1.77623 as an int8 run; the
+           same steps with --config.train.qat=False: 1.77623 fp32, 1.77622 int8. 197 s vs 161 s.
 """
 
 from pathlib import Path
