@@ -96,6 +96,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Parameter transforms applied when this run's checkpoint is loaded for use (eval, generate,
     # init_from; not resume): comma-separated names of jaxlm/transforms.py or package.module:fn.
     m.transforms = ""
+    # Written by `jaxlm-compress quantize`, not set by hand: block matmul kernels stored as
+    # integers plus scales (none, int8, int4), and the input rows that share one scale (0: all).
+    m.quant = "none"
+    m.quant_group_size = 0
 
     c.task = k = ml_collections.ConfigDict()
     k.objective = "lm"  # lm: next token (model.family=decoder); mlm: masked tokens (encoder)
@@ -183,6 +187,12 @@ def base_config() -> ml_collections.ConfigDict:
     dl.teacher = ""  # WORKDIR[:STEP] of a trained run (same tokenizer) to distill from; "": off
     dl.temperature = 2.0  # softmax temperature of both models in the KL term (scaled by T^2)
     dl.alpha = 0.5  # loss = alpha * T^2 * KL(teacher || student) + (1 - alpha) * own objective
+    t.qat = False  # quantization-aware training: int8 weights and inputs of block matmuls
+    # LoRA (jaxlm/compress/lora.py): rank > 0 trains low-rank adapters on the kernels matching
+    # lora_targets (comma-separated regexes) of the frozen train.init_from run, scaled alpha/rank.
+    t.lora_rank = 0
+    t.lora_alpha = 16.0
+    t.lora_targets = "attn/query,attn/value"
 
     c.mesh = mh = ml_collections.ConfigDict()
     mh.dcn_data = 1  # data-parallel axis across slices (multislice over DCN): number of slices

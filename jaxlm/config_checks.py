@@ -29,6 +29,7 @@ CHOICES = {
     "model.dtype": ("bfloat16", "float32"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
+    "model.quant": ("none", "int8", "int4"),
     "data.decode_errors": ("strict", "replace"),
     "data.normalize": ("none", "NFC", "NFKC"),
     "data.tokenizer_type": ("bpe", "unigram", "char"),

@@ -24,11 +24,13 @@ from jaxlm.models.transformer import TransformerConfig
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> TransformerConfig:
     """The one place a ConfigDict becomes the model's frozen dataclass.
 
-    Every TransformerConfig field is the model.* key of the same name; three resolve 0 defaults.
+    Every TransformerConfig field is the model.* key of the same name (qat: train.qat); three
+    resolve 0 defaults.
     """
     m = config.model
-    fields = {f.name: m[f.name] for f in dataclasses.fields(TransformerConfig)}
+    fields = {f.name: m[f.name] for f in dataclasses.fields(TransformerConfig) if f.name != "qat"}
     fields.update(
+        qat=config.train.qat,  # a training option, but one the forward pass must know
         vocab_size=m.vocab_size or vocab_size,
         num_kv_heads=m.num_kv_heads or m.num_heads,
         head_dim=m.head_dim or m.d_model // m.num_heads,

@@ -95,6 +95,11 @@ def load_pretrained(
                 "tokenizer is used (token ids must mean the same)"
             )
         src_cfg = _prefixed(key, state.saved_model_config, meta, where)
+        if src_cfg.quant != "none":  # integer kernels would be taken as float values
+            raise ConfigError(
+                f"{key}: {workdir} is quantized (model.quant={src_cfg.quant}); start from the "
+                "float run it was quantized from"
+            )
         _, src_abstract, src_axes = state.abstract_model(src_cfg)
         # Checked on shapes, before anything is read.
         ours = flat_params(params)

@@ -43,6 +43,7 @@ from jaxlm import (
     transforms,
 )
 from jaxlm.checkpoint import Checkpointer, open_step
+from jaxlm.compress import lora
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.data.types import EOS_ID
 from jaxlm.generate import BeamSettings, SamplingSettings, make_generate
@@ -58,6 +59,13 @@ def run_config(workdir: str | Path, overrides: Sequence[str] = ()):
 def open_checkpoint(config, workdir: str | Path, step: int | None) -> tuple[Checkpointer, int]:
     """The run's checkpointer and the step to restore (the latest when None), checked."""
     return open_step(config_lib.checkpoint_dir(config, workdir), step, workdir)
+
+
+def _load(config, model: ModelState, ckpt, step: int, sha: str | None, names):
+    """A run's parameters for use; a LoRA run's adapters come merged into their base."""
+    if config.train.lora_rank > 0:
+        return model.transformed(lora.load_merged(config, model, ckpt, step, sha), names)
+    return model.load(ckpt, step, sha, names)
 
 
 def evaluate_run(
@@ -101,7 +109,7 @@ def evaluate_run(
     ckpt, step = open_checkpoint(config, workdir, step)  # a missing step fails before the data
     try:
         s = train.setup(config, workdir, devices, optimizer=False)
-        params, s.model = s.model.load(ckpt, step, s.data.tokenizer_sha256, names)
+        params, s.model = _load(config, s.model, ckpt, step, s.data.tokenizer_sha256, names)
     finally:
         ckpt.close()
     with s.model.rules_context():
@@ -150,7 +158,8 @@ class LanguageModel:
             model = ModelState.build(
                 config_lib.model_config(config, vocab), mesh, config.mesh.rules
             )
-            params, model = model.load(ckpt, step, tokenizer.sha256 if tokenizer else None, names)
+            sha = tokenizer.sha256 if tokenizer else None
+            params, model = _load(config, model, ckpt, step, sha, names)
         finally:
             ckpt.close()
         return cls(config, model, params, tokenizer, step)

@@ -23,7 +23,7 @@ from jaxlm.models.families import build_model
 from jaxlm.models.transformer import TransformerConfig
 
 # Model fields free to change between runs of one checkpoint: they change no parameter.
-_FREE_FIELDS = ("dropout", "attention_impl", "dtype", "remat")
+_FREE_FIELDS = ("dropout", "attention_impl", "dtype", "remat", "qat")
 
 
 def abstract_model(model_cfg: TransformerConfig) -> tuple[nnx.GraphDef, dict, dict]:

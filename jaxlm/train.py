@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxlm import config as config_lib
 from jaxlm import evaluate, finetune, monitor, sharding, storage, tasks, transforms
 from jaxlm.checkpoint import Checkpointer
-from jaxlm.compress import distill, prune
+from jaxlm.compress import distill, lora, prune
 from jaxlm.data.feed import Prefetcher
 from jaxlm.data.source import build_source
 from jaxlm.data.types import DataSource
@@ -54,6 +54,9 @@ class Setup:
     frozen: object = None  # finetune.freeze_mask: a tree of bools like the params, or None
     teacher: distill.Teacher | None = None  # train.distill.teacher, restored on this mesh
     masks: dict | None = None  # train.masks: {kernel path: bool mask}, updates kept at zero
+    lora: lora.LoraPlan | None = None  # train.lora_rank > 0: the state's params are adapters
+    base: dict | None = None  # LoRA: the frozen base parameters (train.init_from)
+    _merge: object = None  # LoRA: jit(lora.merge), built on first use
 
     @property
     def mesh(self) -> jax.sharding.Mesh:
@@ -76,15 +79,33 @@ class Setup:
         # Freezing changes the optimizer state's layout, so a resume must keep it; named here
         # so that changing it gives a one-line error naming the key, not a shape mismatch.
         # (Patterns are compared as written, normalized for blanks: "^embed" and "embed" differ.)
-        return {
+        meta = {
             **self.meta(),
             "train.freeze": finetune.normalized_patterns(self.config.train.freeze),
         }
+        if self.lora is not None:
+            meta["train.lora"] = self.lora.meta(self.config.train.init_from)
+        return meta
+
+    @property
+    def trained(self) -> dict:
+        """Abstract parameters the optimizer updates: the model's, or LoRA's adapters."""
+        return self.model.abstract if self.lora is None else self.lora.abstract
+
+    def model_params(self, params: dict) -> dict:
+        """The model's parameters for a train state's `params` (LoRA: merged into the base)."""
+        if self.lora is None:
+            return params
+        if self._merge is None:  # compiled once per run
+            plan = self.lora
+            fn = lambda base, ad: lora.merge(base, ad, plan)
+            self._merge = jax.jit(fn, out_shardings=self.model.shardings)
+        return self._merge(self.base, params)
 
 
-def init_state(model_cfg: TransformerConfig, tx, seed: int) -> dict:
+def init_state(model_cfg: TransformerConfig, tx, seed: int, plan=None) -> dict:
     """Fresh train state; run under jit with out_shardings so it is born sharded."""
-    params = init_params(model_cfg, seed)
+    params = init_params(model_cfg, seed) if plan is None else lora.init_adapters(plan, seed)
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
 
@@ -119,7 +140,22 @@ def setup(
     )
     if not optimizer:
         return s
-    s.frozen = finetune.freeze_mask(model.abstract, config.train.freeze)
+    if model.model_cfg.quant != "none":
+        raise config_lib.ConfigError(
+            f"model.quant={model.model_cfg.quant}: a quantized run is for jaxlm-eval and "
+            "jaxlm-generate; train (or fine-tune with train.init_from) the float run it came from"
+        )
+    if config.train.lora_rank > 0:
+        if config.train.masks:
+            raise config_lib.ConfigError(
+                "train.masks with train.lora_rank > 0: masks fix the base's weights, which LoRA "
+                "never updates; fine-tune the pruned run without LoRA, or merge the adapters first"
+            )
+        s.lora = lora.make_plan(config.train, model)
+        # The frozen base, on every start and resume: an input of the step, like a teacher.
+        s.base = lora.load_base(config.train.init_from, model, data.tokenizer_sha256)
+    else:
+        s.frozen = finetune.freeze_mask(model.abstract, config.train.freeze)
     if config.train.distill.teacher:
         s.teacher = distill.load_teacher(config, data, mesh)
         s.objective = distill.objective(
@@ -127,10 +163,11 @@ def setup(
         )
     if config.train.masks:
         s.masks = prune.load_masks(config.train.masks, model)
-    s.tx, s.schedule = make_optimizer(config.optim, config.train.steps, model.abstract, s.frozen)
+    s.tx, s.schedule = make_optimizer(config.optim, config.train.steps, s.trained, s.frozen)
+    trained = model.shardings if s.lora is None else s.lora.shardings
     s.state_shardings = {
-        "params": model.shardings,
-        "opt_state": sharding.state_shardings(_opt_shapes(s), model.shardings, mesh),
+        "params": trained,
+        "opt_state": sharding.state_shardings(_opt_shapes(s), trained, mesh),
         "step": NamedSharding(mesh, PartitionSpec()),
     }
     return s
@@ -139,11 +176,11 @@ def setup(
 def _opt_shapes(s: Setup):
     """The optimizer state's shapes, from the model state's abstract parameters (the model is
     not traced again)."""
-    return jax.eval_shape(s.tx.init, s.model.abstract)
+    return jax.eval_shape(s.tx.init, s.trained)
 
 
 def create_state(s: Setup) -> dict:
-    fn = lambda: init_state(s.model_cfg, s.tx, s.config.train.seed)
+    fn = lambda: init_state(s.model_cfg, s.tx, s.config.train.seed, s.lora)
     with sharding.use_rules(s.mesh, s.config.mesh.rules):
         return jax.jit(fn, out_shardings=s.state_shardings)()
 
@@ -151,7 +188,7 @@ def create_state(s: Setup) -> dict:
 def abstract_state(s: Setup) -> dict:
     """ShapeDtypeStructs with the target shardings, for checkpoint restore."""
     shapes = {
-        "params": s.model.abstract,
+        "params": s.trained,
         "opt_state": _opt_shapes(s),
         "step": jax.ShapeDtypeStruct((), jnp.int32),
     }
@@ -198,29 +235,36 @@ def make_train_step(s: Setup) -> TrainStep:
         inputs["masks"] = s.masks
         input_shardings["masks"] = {n: m.sharding for n, m in s.masks.items()}
 
-    def summed_loss(params, mb, key, teacher):
-        extra = {} if teacher is None else {"teacher_params": teacher}
-        sums = loss_sums(nnx.merge(graphdef, params), mb, key, **extra)
+    if s.base is not None:  # LoRA: the frozen base the adapters are merged into
+        inputs["base"], input_shardings["base"] = s.base, s.model.shardings
+    plan = s.lora
+
+    def summed_loss(params, mb, key, inputs):
+        # LoRA: the step's params are the adapters, merged into the frozen base here, so the
+        # gradient reaches the adapters alone.
+        full = params if plan is None else lora.merge(inputs["base"], params, plan)
+        extra = {"teacher_params": inputs["teacher"]} if "teacher" in inputs else {}
+        sums = loss_sums(nnx.merge(graphdef, full), mb, key, **extra)
         return sums["nll"], sums
 
     grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
 
     def train_step(state, batch, inputs):
-        params, teacher = state["params"], inputs.get("teacher")
+        params = state["params"]
         # Dropout and masking keys are a function of (seed, step): resume continues exactly.
         key = jax.random.fold_in(base_key, state["step"])
         if n_micro == 1:
-            (_, sums), grads = grad_fn(params, batch, key, teacher)
+            (_, sums), grads = grad_fn(params, batch, key, inputs)
         else:
 
             def accumulate(carry, xs):
                 mb, i = xs
-                (_, sums_i), g_i = grad_fn(params, mb, jax.random.fold_in(key, i), teacher)
+                (_, sums_i), g_i = grad_fn(params, mb, jax.random.fold_in(key, i), inputs)
                 return jax.tree.map(jnp.add, carry, (sums_i, g_i)), None
 
             mbs = _microbatches(batch, n_micro, s.batch_sharding)
             first = jax.tree.map(lambda x: x[0], mbs)
-            sums_shape = jax.eval_shape(summed_loss, params, first, key, teacher)[1]
+            sums_shape = jax.eval_shape(summed_loss, params, first, key, inputs)[1]
             zero = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (sums_shape, params))
             (sums, grads), _ = jax.lax.scan(accumulate, zero, (mbs, jnp.arange(n_micro)))
         # Sums over the whole batch, then one division: microbatching does not change the mean.
@@ -279,9 +323,14 @@ def train(config, workdir: str | Path, devices=None) -> dict:
 
 def restore_or_init(s: Setup, ckpt: Checkpointer) -> dict:
     latest = ckpt.latest_complete_step()
+    if s.lora is not None:
+        monitor.console(
+            f"LoRA: {s.lora.num_trainable()} trainable parameters in adapters of rank "
+            f"{s.lora.rank} on {len(s.lora.targets)} kernels of {s.config.train.init_from}"
+        )
     if latest is None:
         state = create_state(s)
-        if s.config.train.init_from:  # a fresh run only: resuming takes its own checkpoint
+        if s.config.train.init_from and s.lora is None:  # fresh only: a resume has its own
             state["params"], report = finetune.load_pretrained(
                 s.config.train.init_from,
                 state["params"],
@@ -332,7 +381,8 @@ class _Loop:
                 )
             stop = self.stop
             state, step = self._steps(state, start, stop)
-            final = self._evaluate(step, state["params"]) if step >= cfg.steps else None
+            done = step >= cfg.steps
+            final = self._evaluate(step, s.model_params(state["params"])) if done else None
             if final is None:  # a signal (also during the final eval), or train.stop_at
                 self._save(step, state)
                 self.ckpt.wait()
@@ -366,7 +416,7 @@ class _Loop:
                     self._finish(*pending)
                     pending = None
                 if evaluating and step < cfg.steps:
-                    self._evaluate(step, state["params"])
+                    self._evaluate(step, s.model_params(state["params"]))
                 if saving and step < cfg.steps:
                     self._save(step, state)
                 if evaluating or saving:

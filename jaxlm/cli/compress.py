@@ -5,6 +5,12 @@ Subcommands (each one module in jaxlm/compress/):
          --calibration_batches training batches): --sparsity S per matrix, or --pattern 2:4;
          or structured pruning into a smaller model: --heads H (share of KV groups) and/or
          --neurons F (share of MLP neurons) per block.
+  quantize     --bits 8|4 [--group_size N]: block matmul kernels as int8, or int4 packed two to
+               a byte with one scale per N input rows (0: per output channel), fp32 scales.
+  merge-lora   a LoRA run's adapters merged (in fp32) into its train.init_from base: a plain run.
+  export-peft  a LoRA run's adapters in PEFT's format (adapter_config.json,
+               adapter_model.safetensors) for its base's Hugging Face architecture; NEW is a
+               folder for peft.PeftModel.from_pretrained, not a run.
 
 NEW is written whole or not at all (a failed run leaves no directory) and loads like any run:
 jaxlm-eval, jaxlm-generate, LanguageModel.load, train.init_from. A masked run keeps its masks
@@ -31,6 +37,8 @@ flags.DEFINE_string("pattern", "", "prune: N:M semi-structured sparsity, e.g. 2:
 flags.DEFINE_float("heads", 0.0, "prune: share of KV groups (with their query heads) removed.")
 flags.DEFINE_float("neurons", 0.0, "prune: share of MLP hidden neurons removed.")
 flags.DEFINE_integer("calibration_batches", 8, "prune --method wanda: training batches used.")
+flags.DEFINE_integer("bits", 8, "quantize: 8 (int8) or 4 (int4).")
+flags.DEFINE_integer("group_size", 0, "quantize: input rows per scale; 0: one per output.")
 common.define_distributed_flags()
 FLAGS = flags.FLAGS
 _OVERRIDES: list[str] = []
@@ -57,11 +65,35 @@ def _prune() -> dict:
     return summary
 
 
-SUBCOMMANDS = {"prune": _prune}
+def _quantize() -> dict:
+    from jaxlm.compress import quantize
+
+    return quantize.quantize_run(FLAGS.workdir, FLAGS.out, FLAGS.bits, FLAGS.group_size, FLAGS.step)
+
+
+def _merge_lora() -> dict:
+    from jaxlm.compress import lora
+
+    return lora.merge_run(FLAGS.workdir, FLAGS.out, FLAGS.step)
+
+
+def _export_peft() -> dict:
+    from jaxlm.compress import peft_export
+
+    return peft_export.export_peft(FLAGS.workdir, FLAGS.out, FLAGS.step)
+
+
+SUBCOMMANDS = {
+    "prune": _prune,
+    "quantize": _quantize,
+    "merge-lora": _merge_lora,
+    "export-peft": _export_peft,
+}
 
 
 def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
+    common.quiet_orbax_errors()
     program = "jaxlm-compress"
     names = ", ".join(SUBCOMMANDS)
     if len(argv) != 2 or argv[1] not in SUBCOMMANDS:

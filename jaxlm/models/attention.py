@@ -16,7 +16,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm import sharding
-from jaxlm.models.layers import DenseGeneral, dtype_of, make_param, residual_std, rope
+from jaxlm.models.layers import (
+    DenseGeneral,
+    dense_options,
+    dtype_of,
+    make_param,
+    residual_std,
+    rope,
+)
 
 
 def segment_mask(q_segment_BT, kv_segment_BS):
@@ -88,7 +95,7 @@ class Attention(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         self.cfg = cfg
         d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        common = dict(use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        common = dense_options(cfg)
         std = cfg.init_std
         self.query = DenseGeneral(
             (d,), (n, h), ("embed", "heads", "kv"), std=std, rngs=rngs, **common

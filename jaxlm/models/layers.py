@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm import sharding
+from jaxlm.models import quant
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -38,7 +39,12 @@ def make_param(
 
 
 class DenseGeneral(nnx.Module):
-    """y = einsum(x, W) (+ b) over explicit in/out shapes, e.g. D -> (N, H) for a query."""
+    """y = einsum(x, W) (+ b) over explicit in/out shapes, e.g. D -> (N, H) for a query.
+
+    `quant` int8/int4 stores W as integers plus `scale` (jaxlm/models/quant.py), dequantized
+    before the einsum; `qat` rounds x and W through int8 in the forward pass (straight-through
+    gradients) for quantization-aware training.
+    """
 
     def __init__(
         self,
@@ -51,21 +57,63 @@ class DenseGeneral(nnx.Module):
         dtype: str,
         param_dtype: str,
         rngs: nnx.Rngs,
+        quant: str = "none",
+        group_size: int = 0,
+        qat: bool = False,
     ):
         self.n_in, self.n_out = len(in_shape), len(out_shape)
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
         self.dtype = dtype_of(dtype)
+        self.quant, self.qat = quant, qat
         pdt = dtype_of(param_dtype)
-        self.kernel = make_param(rngs, (*in_shape, *out_shape), axes, std, pdt)
+        if quant == "none":
+            self.kernel = make_param(rngs, (*in_shape, *out_shape), axes, std, pdt)
+        else:
+            self._init_quantized(axes, group_size)
         self.bias = make_param(rngs, out_shape, axes[self.n_in :], 0.0, pdt) if use_bias else None
+
+    def _init_quantized(self, axes, group_size: int) -> None:
+        # Zeros of the stored shapes: a quantized model is only ever restored, never trained.
+        shape = quant.stored_shape(self.quant, self.in_shape, self.out_shape)
+        dt = jnp.int8 if self.quant == "int8" else jnp.uint8
+        # int4's packed input axis is no longer one logical axis: replicated over the mesh.
+        k_axes = tuple(axes) if self.quant == "int8" else (None, *axes[self.n_in :])
+        self.kernel = nnx.Param(jnp.zeros(shape, dt), axes=k_axes)
+        g = quant.num_groups(math.prod(self.in_shape), group_size)
+        s_shape = (g, *self.out_shape)
+        self.scale = nnx.Param(jnp.ones(s_shape, jnp.float32), axes=(None, *axes[self.n_in :]))
+
+    def weight(self):
+        """The kernel as floats in its logical shape (dequantized when stored as integers)."""
+        if self.quant == "none":
+            return self.kernel[...]
+        k, s = self.kernel[...], self.scale[...]
+        return quant.dequantize_kernel(k, s, self.in_shape, self.out_shape, self.quant)
 
     def __call__(self, x):
         letters = "abcdefgh"
         ins, outs = letters[: self.n_in], letters[self.n_in : self.n_in + self.n_out]
         spec = f"...{ins},{ins}{outs}->...{outs}"
-        y = jnp.einsum(spec, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        x, w = x.astype(self.dtype), self.weight().astype(self.dtype)
+        if self.qat:  # per-token activation scales, per-output-channel weight scales
+            x = quant.fake_quant(x, range(x.ndim - self.n_in, x.ndim))
+            w = quant.fake_quant(w, range(self.n_in))
+        y = jnp.einsum(spec, x, w)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
+
+
+def dense_options(cfg) -> dict:
+    """DenseGeneral keywords every block matmul (attention, MLP) takes from a model config."""
+    return dict(
+        use_bias=cfg.use_bias,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        quant=cfg.quant,
+        group_size=cfg.quant_group_size,
+        qat=cfg.qat,
+    )
 
 
 class Embed(nnx.Module):
@@ -138,7 +186,7 @@ class MLP(nnx.Module):
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         d, f = cfg.d_model, cfg.d_ff
-        common = dict(use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        common = dense_options(cfg)
         self.kind = cfg.mlp
         self.up = DenseGeneral((d,), (f,), ("embed", "mlp"), std=cfg.init_std, rngs=rngs, **common)
         if MLP_KINDS[self.kind][1]:

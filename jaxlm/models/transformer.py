@@ -32,6 +32,7 @@ from jaxlm.models.heads import (
     vocab_logits,
 )
 from jaxlm.models.layers import MLP, MLP_KINDS, Embed, dropout, dtype_of, make_norm, make_param
+from jaxlm.models.quant import QUANT_KINDS
 
 FAMILIES = ("decoder", "encoder", "encoder_decoder")
 POSITIONS = ("rope", "learned", "relative")
@@ -75,6 +76,9 @@ class TransformerConfig:
     type_vocab_size: int = 0  # encoder: > 0 adds token-type embeddings (BERT: 2)
     mlm_transform: bool = False  # encoder: dense + activation + norm before the vocab (BERT)
     classifier_activation: str = "tanh"  # tanh (BERT's pooler) or relu (DistilBERT)
+    quant: str = "none"  # none, int8, int4: block matmul kernels stored as integers + scales
+    quant_group_size: int = 0  # input rows per quantization scale; 0: one scale per output
+    qat: bool = False  # int8 fake-quant of block matmul inputs and kernels (train.qat)
 
     def __post_init__(self):
         for name, choices in (
@@ -84,6 +88,7 @@ class TransformerConfig:
             ("mlp", tuple(MLP_KINDS)),
             ("block_norm", BLOCK_NORMS),
             ("classifier_activation", tuple(CLASSIFIER_ACTIVATIONS)),
+            ("quant", QUANT_KINDS),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(
