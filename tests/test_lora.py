@@ -16,7 +16,8 @@ from jax.sharding import Mesh
 from jaxlm import config as config_lib
 from jaxlm import train
 from jaxlm.checkpoint import Checkpointer
-from jaxlm.compress import lora, peft_export, runs
+from jaxlm.compress import layer_paths as runs
+from jaxlm.compress import lora, peft_export
 from jaxlm.config import ConfigError
 from jaxlm.finetune import flat_params
 from jaxlm.inference import LanguageModel, evaluate_run

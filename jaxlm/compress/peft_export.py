@@ -20,7 +20,8 @@ from safetensors.numpy import save_file
 
 from jaxlm import config as config_lib
 from jaxlm.checkpoint import open_step
-from jaxlm.compress import lora, runs
+from jaxlm.compress import layer_paths as runs
+from jaxlm.compress import lora
 from jaxlm.config import parse_init_from
 from jaxlm.interop import convert
 from jaxlm.interop.hf_files import ConversionError, write_json

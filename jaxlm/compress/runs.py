@@ -29,7 +29,7 @@ from jaxlm.data.types import DataSource
 from jaxlm.models.transformer import TransformerConfig
 
 # Fields of a model config that change no parameter: the new run keeps its source's values.
-_FREE = ("dropout", "attention_impl", "dtype", "remat")
+_FREE = ("dropout", "attention_impl", "dtype", "remat", "qat")  # qat: from train.qat
 
 
 @dataclasses.dataclass
