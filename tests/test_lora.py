@@ -16,8 +16,7 @@ from jax.sharding import Mesh
 from jaxlm import config as config_lib
 from jaxlm import train
 from jaxlm.checkpoint import Checkpointer
-from jaxlm.compress import layer_paths as runs
-from jaxlm.compress import lora, peft_export
+from jaxlm.compress import lora, paths, peft_export
 from jaxlm.config import ConfigError
 from jaxlm.finetune import flat_params
 from jaxlm.inference import LanguageModel, evaluate_run
@@ -127,13 +126,13 @@ def test_merge_matches_the_adapter_forward(lora_run):
     merged = lora.merge(base, adapters, plan)
     x = jax.random.normal(jax.random.key(0), (3, 5, 32))
     for t in plan.targets:
-        w, ad = runs.at(base, t.path)["kernel"], runs.at(adapters, t.path)
+        w, ad = paths.at(base, t.path)["kernel"], paths.at(adapters, t.path)
         # The LoRA forward as written: x W + (alpha / r) (x A) B, never forming A B.
         xa = jnp.einsum("btd,dr->btr", x, ad["lora_a"])
         want = jnp.einsum("btd,dnh->btnh", x, w) + plan.scale * jnp.einsum(
             "btr,rnh->btnh", xa, ad["lora_b"]
         )
-        got = jnp.einsum("btd,dnh->btnh", x, runs.at(merged, t.path)["kernel"])
+        got = jnp.einsum("btd,dnh->btnh", x, paths.at(merged, t.path)["kernel"])
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
         assert float(jnp.abs(got - jnp.einsum("btd,dnh->btnh", x, w)).max()) > 1e-4
 
@@ -177,7 +176,7 @@ def test_adapter_checkpoint_is_small_on_pylm_tiny(tmp_path, one_device):
         ckpt = Checkpointer(tmp_path / name, async_save=False)
         ckpt.save(1, {"params": params, "opt_state": [params, params]}, {})
         ckpt.close()
-        sizes[name] = runs.dir_bytes(tmp_path / name)
+        sizes[name] = paths.dir_bytes(tmp_path / name)
     assert sizes["lora"] < 0.05 * sizes["base"], sizes
 
 

@@ -219,6 +219,6 @@ def test_cli_prunes_a_run_and_refuses_an_existing_out(base, tmp_path):
     assert line["sparsity_min"] == line["sparsity_max"] == 0.5
     before = sorted(p.name for p in out.iterdir())
     r = subprocess.run(cmd + args, capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr  # a usage error
     assert "exists; pick a new directory" in r.stderr
     assert sorted(p.name for p in out.iterdir()) == before

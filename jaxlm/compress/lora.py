@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jaxlm import config as config_lib
 from jaxlm import finetune, sharding, state
 from jaxlm.checkpoint import open_step
-from jaxlm.compress import layer_paths as runs
+from jaxlm.compress import paths, runs
 from jaxlm.config import ConfigError
 from jaxlm.state import ModelState
 
@@ -91,7 +91,7 @@ def make_plan(train_cfg, ms: ModelState) -> LoraPlan:
         raise ConfigError(
             "train.lora_rank on a quantized run (model.quant): train adapters on the float run"
         )
-    layers = runs.dense_layers(ms.model_cfg)
+    layers = paths.dense_layers(ms.model_cfg)
     names = ["/".join(map(str, p)) + "/kernel" for p, _ in layers]
     for text, rx in regexes:
         if not any(rx.search(n) for n in names):
@@ -118,8 +118,8 @@ def _layout(rank: int, alpha: float, targets: tuple[Target, ...], ms: ModelState
     B its output axes; the rank axis is replicated."""
     shapes, axes = {}, {}
     for t in targets:
-        k, k_axes = runs.at(ms.abstract, t.path)["kernel"], runs.at(ms.axes, t.path)["kernel"]
-        runs.put(
+        k, k_axes = paths.at(ms.abstract, t.path)["kernel"], paths.at(ms.axes, t.path)["kernel"]
+        paths.put(
             shapes,
             t.path,
             {
@@ -127,7 +127,7 @@ def _layout(rank: int, alpha: float, targets: tuple[Target, ...], ms: ModelState
                 "lora_b": jax.ShapeDtypeStruct((rank, *t.shape[t.n_in :]), k.dtype),
             },
         )
-        runs.put(
+        paths.put(
             axes,
             t.path,
             {
@@ -148,11 +148,11 @@ def init_adapters(plan: LoraPlan, seed: int) -> dict:
     key = jax.random.fold_in(jax.random.key(seed), 3)
     out = {}
     for i, t in enumerate(plan.targets):
-        a = runs.at(plan.abstract, t.path)
+        a = paths.at(plan.abstract, t.path)
         bound = 1.0 / math.sqrt(t.sizes[0])
         shape, dt = a["lora_a"].shape, a["lora_a"].dtype
         lora_a = jax.random.uniform(jax.random.fold_in(key, i), shape, dt, -bound, bound)
-        runs.put(out, t.path, {"lora_a": lora_a, "lora_b": jnp.zeros(a["lora_b"].shape, dt)})
+        paths.put(out, t.path, {"lora_a": lora_a, "lora_b": jnp.zeros(a["lora_b"].shape, dt)})
     return out
 
 
@@ -164,9 +164,9 @@ def delta(lora_a, lora_b):
 def merge(base: dict, adapters: dict, plan: LoraPlan) -> dict:
     """`base` with W + scale * A @ B in each adapted kernel, computed in fp32 and cast back to
     the kernel's dtype; every other parameter is `base`'s own array."""
-    merged = runs.copy_tree(base)
+    merged = paths.copy_tree(base)
     for t in plan.targets:
-        node, ad = runs.at(merged, t.path), runs.at(adapters, t.path)
+        node, ad = paths.at(merged, t.path), paths.at(adapters, t.path)
         w = node["kernel"]
         update = w.astype(jnp.float32) + plan.scale * delta(ad["lora_a"], ad["lora_b"])
         node["kernel"] = update.astype(w.dtype)
@@ -231,8 +231,8 @@ def merge_run(workdir: str | Path, out: str | Path, step: int | None = None) -> 
     config, plan, adapters, base, ms, step, meta = restore_run(workdir, step)
     with ms.rules_context():
         params = jax.jit(lambda b, a: merge(b, a, plan), out_shardings=ms.shardings)(base, adapters)
-    sha = meta.get("tokenizer_sha256")
-    runs.write_run(
-        Path(out), workdir, runs.run_config(config, ms.model_cfg), params, step, ms.meta(sha)
-    )
-    return {"out": str(out), "step": step, "merged": [t.name for t in plan.targets]}
+    src = runs.SourceRun(Path(workdir), config, ms, params, step, meta.get("tokenizer_sha256"))
+    merged = [t.name for t in plan.targets]
+    new_config = runs.config_for(config, ms.model_cfg, qat=False)
+    runs.write_run(out, src, new_config, params, ms.model_cfg, {}, {"merged_lora": merged})
+    return {"out": str(out), "step": step, "merged": merged}

@@ -20,8 +20,7 @@ from safetensors.numpy import save_file
 
 from jaxlm import config as config_lib
 from jaxlm.checkpoint import open_step
-from jaxlm.compress import layer_paths as runs
-from jaxlm.compress import lora
+from jaxlm.compress import lora, paths
 from jaxlm.config import parse_init_from
 from jaxlm.interop import convert
 from jaxlm.interop.hf_files import ConversionError, write_json
@@ -35,7 +34,7 @@ def hf_modules(plan: lora.LoraPlan, abstract: dict, cfg, architecture: str) -> l
     probe = jax.tree.map(lambda a: np.zeros(a.shape, np.float32), abstract)
     found = []
     for t in plan.targets:
-        node = runs.at(probe, t.path)
+        node = paths.at(probe, t.path)
         k = np.arange(1, math.prod(t.shape) + 1, dtype=np.float32).reshape(t.shape)
         node["kernel"] = k
         hit = {n: np.asarray(x) for n, x in module.params_to_hf(probe, cfg, architecture).items()}
@@ -72,7 +71,7 @@ def export_peft(workdir: str | Path, out: str | Path, step: int | None = None) -
         raise ConversionError("adapters on both Linear and Conv1D weights: export them apart")
     tensors = {}
     for t, (name, _) in zip(plan.targets, modules, strict=True):
-        ad = jax.device_get(runs.at(adapters, t.path))
+        ad = jax.device_get(paths.at(adapters, t.path))
         a = np.asarray(ad["lora_a"], np.float32).reshape(t.sizes[0], plan.rank)
         b = np.asarray(ad["lora_b"], np.float32).reshape(plan.rank, t.sizes[1])
         tensors[f"base_model.model.{name}.lora_A.weight"] = np.ascontiguousarray(a.T)

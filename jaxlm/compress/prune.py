@@ -303,6 +303,7 @@ class PruneRequest:
 def prune_run(workdir, out, request: PruneRequest, step: int | None = None, devices=None) -> dict:
     """Prune run `workdir` into the new run `out`; returns the record saved in compress.json."""
     request.check()
+    runs.check_out(out)  # before any restore
     src = runs.SourceRun.open(workdir, step, devices)
     norms = None
     if request.method == "wanda":

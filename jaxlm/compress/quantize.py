@@ -20,13 +20,10 @@ from pathlib import Path
 import jax
 
 from jaxlm import config as config_lib
-from jaxlm import sharding, state, transforms
-from jaxlm.checkpoint import open_step
-from jaxlm.compress import layer_paths as runs
+from jaxlm.compress import paths, runs
 from jaxlm.config import ConfigError
 from jaxlm.models import quant
 from jaxlm.models.transformer import TransformerConfig
-from jaxlm.state import ModelState
 
 
 def quantize_params(
@@ -44,13 +41,13 @@ def quantize_params(
             "run it came from"
         )
     qcfg = dataclasses.replace(model_cfg, quant=kind, quant_group_size=group_size, qat=False)
-    layers = [(p, m) for p, m in runs.dense_layers(qcfg) if m.quant != "none"]
+    layers = [(p, m) for p, m in paths.dense_layers(qcfg) if m.quant != "none"]
     for path, layer in layers:  # every kernel checked before any work
         where = "/".join(map(str, path)) + "/kernel"
         quant.check_kernel(kind, layer.in_shape, group_size, where)
-    out = runs.copy_tree(params)
+    out = paths.copy_tree(params)
     for path, layer in layers:
-        node = runs.at(out, path)
+        node = paths.at(out, path)
         node["kernel"], node["scale"] = quant.quantize_kernel(
             node["kernel"], layer.n_in, kind, group_size
         )
@@ -80,7 +77,7 @@ def quantize_run(
         raise ConfigError(f"--bits={bits}: use 8 (int8) or 4 (int4)")
     if group_size < 0:
         raise ConfigError(f"--group_size={group_size} must be >= 0 (0: one scale per output)")
-    runs.check_out(out)
+    runs.check_out(out)  # and the source, before any restore
     config = config_lib.load_run_config(workdir)
     if config.model.quant != "none":
         raise ConfigError(
@@ -92,20 +89,12 @@ def quantize_run(
             f"{workdir} is a LoRA run (train.lora_rank={config.train.lora_rank}), its checkpoint "
             "holds adapters only: run jaxlm-compress merge-lora first, then quantize the merged run"
         )
-    names = transforms.check(config_lib.transform_names(config))
-    mesh = sharding.mesh_from_config(config.mesh, devices)
-    ckpt, step = open_step(config_lib.checkpoint_dir(config, workdir), step, workdir)
-    try:
-        meta = ckpt.read_meta(step)
-        model_cfg = state.saved_model_config(meta, f"{ckpt.directory}/{step}")
-        ms = ModelState.build(model_cfg, mesh, config.mesh.rules)
-        sha = meta.get("tokenizer_sha256")
-        params, ms = ms.load(ckpt, step, sha, names)
-    finally:
-        ckpt.close()
+    src = runs.SourceRun.open(workdir, step, devices)
     kind = f"int{bits}"
-    qparams, qcfg = quantize_params(params, ms.model_cfg, kind, group_size)
-    qms = ModelState.build(qcfg, mesh, config.mesh.rules)
+    qparams, qcfg = quantize_params(src.params, src.model.model_cfg, kind, group_size)
+    qms = src.model.build(qcfg, src.model.mesh, src.model.rules)
     qparams = jax.device_put(qparams, qms.shardings)
-    runs.write_run(Path(out), workdir, runs.run_config(config, qcfg), qparams, step, qms.meta(sha))
-    return {"out": str(out), "step": step, "quant": kind, "group_size": group_size}
+    record = {"quant": kind, "group_size": group_size}
+    new_config = runs.config_for(src.config, qcfg, qat=False)
+    runs.write_run(out, src, new_config, qparams, qcfg, {}, record)
+    return {"out": str(out), "step": src.step, **record}

@@ -2,9 +2,10 @@
 
 `SourceRun.open(workdir)` restores a run's parameters through ModelState (and its
 model.transforms) with no optimizer and no data; `data()` builds its data only when a method
-calibrates. `write_run` writes config.json, the tokenizer, one params checkpoint and any extra
-files into a temporary sibling and renames it into place, so a failed or interrupted compression
-leaves no directory behind; the result loads in every program like a trained run.
+calibrates. `write_run` writes config.json, the source's tokenizer and data.json, one params
+checkpoint, compress.json and any extra files into a temporary sibling and renames it into
+place, so a failed or interrupted compression leaves no directory behind; the result loads in
+every program like a trained run. LoRA runs are read by lora.restore_run (adapters and base).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 from jaxlm import config as config_lib
 from jaxlm import sharding, state, tasks, transforms
 from jaxlm.checkpoint import Checkpointer, open_step
+from jaxlm.config import ConfigError
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.data.feed import to_device
 from jaxlm.data.source import build_source
@@ -30,12 +32,14 @@ from jaxlm.models.transformer import TransformerConfig
 
 # Fields of a model config that change no parameter: the new run keeps its source's values.
 _FREE = ("dropout", "attention_impl", "dtype", "remat", "qat")  # qat: from train.qat
+# Files of the source run the new run reads as they are: its tokenizer and what its data is.
+_COPIED = (*tokenizer_lib.RUN_FILES, "data.json")
 
 
 @dataclasses.dataclass
 class SourceRun:
     workdir: Path
-    config: object
+    config: object  # as saved: for_platform applies to the model built here, not to new runs
     model: state.ModelState
     params: dict
     step: int
@@ -44,7 +48,7 @@ class SourceRun:
     @classmethod
     def open(cls, workdir: str | Path, step: int | None = None, devices=None) -> SourceRun:
         config = config_lib.load_run_config(workdir)
-        config = config_lib.for_platform(config, jax.devices()[0].platform)
+        here = config_lib.for_platform(config, jax.devices()[0].platform)
         names = transforms.check(config_lib.transform_names(config))
         tok = tokenizer_lib.run_file(workdir)
         sha = None if tok is None else tokenizer_lib.load(tok).sha256
@@ -52,7 +56,7 @@ class SourceRun:
         ckpt, step = open_step(config_lib.checkpoint_dir(config, workdir), step, workdir)
         try:
             saved = state.saved_model_config(ckpt.read_meta(step), ckpt.directory / str(step))
-            model_cfg = config_lib.model_config(config, saved.vocab_size)
+            model_cfg = config_lib.model_config(here, saved.vocab_size)
             # Calibration records activations from Python: a rematerialized block would leak
             # them out of its trace. remat changes no parameter (nor the saved meta).
             model_cfg = dataclasses.replace(model_cfg, remat="none")
@@ -76,7 +80,8 @@ class SourceRun:
 
 def config_for(config, model_cfg: TransformerConfig, **train):
     """A copy of `config` describing `model_cfg` (every dimension explicit, no transforms:
-    the parameters are saved transformed) with train.* keys set from `train`."""
+    the parameters are saved transformed; no base run and no adapters: they are saved whole)
+    with train.* keys set from `train`."""
     config = copy.deepcopy(config)
     for f in dataclasses.fields(TransformerConfig):
         if f.name not in _FREE:
@@ -85,7 +90,16 @@ def config_for(config, model_cfg: TransformerConfig, **train):
     for key, value in train.items():
         config.train[key] = value
     config.train.init_from = ""
+    config.train.lora_rank = 0
     return config
+
+
+def check_out(out: str | Path) -> Path:
+    """--out as an absolute Path, refused in one line when something is already there."""
+    out = Path(out).absolute()
+    if out.exists():
+        raise ConfigError(f"--out {out} already exists; pick a new directory (nothing was written)")
+    return out
 
 
 def write_run(
@@ -101,9 +115,7 @@ def write_run(
 
     `files` are extra files by name (masks); `record` goes to compress.json with the source.
     """
-    out = Path(out).absolute()
-    if out.exists():
-        raise FileExistsError(f"--out {out} exists; pick a new directory (nothing was written)")
+    out = check_out(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -111,9 +123,9 @@ def write_run(
         tmp_config = copy.deepcopy(config)
         tmp_config.train.checkpoint_dir = ""  # the new run's checkpoints live inside it
         config_lib.save_config(tmp_config, tmp)
-        tok = tokenizer_lib.run_file(source.workdir)
-        if tok is not None:
-            shutil.copy2(tok, tmp / tok.name)
+        for name in _COPIED:
+            if (source.workdir / name).is_file():
+                shutil.copy2(source.workdir / name, tmp / name)
         for name, data in files.items():
             (tmp / name).write_bytes(data)
         meta = {**state.checkpoint_meta(model_cfg, source.tokenizer_sha256), "step": source.step}
