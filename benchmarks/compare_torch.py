@@ -12,8 +12,9 @@ same load from other processes; each figure is the median over rounds of the per
 Prints one JSON line per size: median step times, `train_speedup` (torch ms / jaxlm ms, > 1 when
 jaxlm is faster) with its spread over rounds, and per decode batch size the tokens/s of jaxlm's
 compiled loop and of `transformers.generate` (prefill included in both), their ratio, and
-whether the greedy tokens are identical. Threads: torch uses `--threads` intra-op threads
-(default: the cores this process may use); XLA's CPU client sizes its pool to the same cores.
+whether the greedy tokens are identical. Threads: torch uses one intra-op thread per core
+(the cores this process may use, `--cores` pins it to fewer); XLA's CPU client sizes its pool
+to the same cores.
 
 This script lives outside the jaxlm package: jaxlm never imports torch.
 """
@@ -28,6 +29,10 @@ import time
 
 import jax
 import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from jaxlm import benchmark, sharding, train
 from jaxlm.config import base_config, gpt2_style
@@ -55,9 +60,6 @@ def jaxlm_config(size: str, max_len: int, lr: float = 1e-4):
 
 def torch_model(cfg, params: dict):
     """GPT2LMHeadModel of jaxlm's config holding jaxlm's parameters `params` (numpy)."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     m = cfg.model
     hf = GPT2Config(
         vocab_size=m.vocab_size,
@@ -121,9 +123,6 @@ def _median_chunk_ms(run_chunk, per_chunk: int) -> float:
 
 def compare_train(cfg, s, state, tmodel, rounds: int, per_chunk: int) -> dict:
     """Alternate chunks of jaxlm and torch train steps on one batch; median ms per step each."""
-    import torch
-    import torch.nn.functional as F
-
     step_fn = train.make_train_step(s)
     host = s.data.train_batch(0)
     batch = jax.device_put(host, s.batch_sharding)
@@ -161,7 +160,7 @@ def compare_train(cfg, s, state, tmodel, rounds: int, per_chunk: int) -> dict:
     with sharding.use_rules(s.mesh, cfg.mesh.rules):
         box["state"], metrics = step_fn(box["state"], batch)  # compile
         jax_loss = float(metrics["loss"])
-        torch_loss = float(torch_step())
+        torch_loss = float(torch_step().detach())
         jax_chunk(), torch_chunk()  # warm-up
         jax_ms, torch_ms = [], []
         for _ in range(rounds):
@@ -180,8 +179,6 @@ def compare_train(cfg, s, state, tmodel, rounds: int, per_chunk: int) -> dict:
 
 def compare_decode(cfg, s, params, tmodel, batch: int, prompt_len: int, new_tokens: int, rounds):
     """Greedy generation of `new_tokens` after random prompts: tokens/s of each, same tokens?"""
-    import torch
-
     gen = make_generate(s.graphdef, SamplingSettings(max_new_tokens=new_tokens, temperature=0.0))
     rng = np.random.default_rng(batch)
     prompts = rng.integers(0, cfg.model.vocab_size, (batch, prompt_len), dtype=np.int32)
@@ -227,9 +224,6 @@ def compare_decode(cfg, s, params, tmodel, batch: int, prompt_len: int, new_toke
 
 
 def run_size(size: str, args) -> dict:
-    import torch
-    import transformers
-
     cfg = jaxlm_config(size, args.prompt_len + args.new_tokens)
     s = train.setup(cfg, None, data=benchmark.synthetic_source(cfg))
     state = train.create_state(s)
@@ -255,7 +249,10 @@ def run_size(size: str, args) -> dict:
         ]
     row.update(
         {
-            "threads": {"torch": torch.get_num_threads(), "xla_cores": len(os.sched_getaffinity(0))},
+            "threads": {
+                "torch": torch.get_num_threads(),
+                "xla_cores": len(os.sched_getaffinity(0)),
+            },
             "torch_attention": tmodel.config._attn_implementation,
             "versions": {
                 "jax": jax.__version__,
@@ -268,6 +265,10 @@ def run_size(size: str, args) -> dict:
     return row
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="pylm_tiny,issue,gpt2_small", help=", ".join(SIZES))
@@ -276,14 +277,15 @@ def main(argv=None) -> None:
     p.add_argument("--decode_batches", default="1,32", help="empty: no decoding")
     p.add_argument("--prompt_len", type=int, default=16)
     p.add_argument("--new_tokens", type=int, default=128)
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--cores", type=int, default=0, help="pin to this many cores; 0: all allowed")
     args = p.parse_args(argv)
+    if args.cores:
+        # Before XLA's CPU client exists: it sizes its thread pool to the cores it may use.
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
     unknown = [x for x in args.sizes.split(",") if x not in SIZES]
     if unknown:
         p.error(f"unknown size {unknown[0]!r}; use one of {', '.join(SIZES)}")
-    import torch
-
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(_cores())  # torch's pool: the same cores
     for size in args.sizes.split(","):
         print(json.dumps(run_size(size, args)), flush=True)
 
