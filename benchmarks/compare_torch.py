@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import jax
@@ -236,7 +237,9 @@ def run_size(size: str, args) -> dict:
         "batch": [batch, seq],
         "params": s.model_cfg.num_params(),
     }
+    _progress(f"{size}: train steps")
     row.update(compare_train(cfg, s, state, tmodel, args.rounds, args.steps))
+    _progress(f"{size}: {row['jaxlm_step_ms']} ms vs {row['torch_step_ms']} ms; decoding")
     if args.decode_batches:
         # Fresh copies of the initial weights (the train steps above changed both models).
         tmodel = torch_model(cfg, params)
@@ -263,6 +266,10 @@ def run_size(size: str, args) -> dict:
         }
     )
     return row
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _cores() -> int:
