@@ -116,7 +116,7 @@ def torch_model(cfg, params: dict):
     return model
 
 
-def _median_chunk_ms(run_chunk, per_chunk: int) -> float:
+def _ms_per_step(run_chunk, per_chunk: int) -> float:
     t0 = time.perf_counter()
     run_chunk()
     return 1e3 * (time.perf_counter() - t0) / per_chunk
@@ -165,8 +165,8 @@ def compare_train(cfg, s, state, tmodel, rounds: int, per_chunk: int) -> dict:
         jax_chunk(), torch_chunk()  # warm-up
         jax_ms, torch_ms = [], []
         for _ in range(rounds):
-            jax_ms.append(_median_chunk_ms(jax_chunk, per_chunk))
-            torch_ms.append(_median_chunk_ms(torch_chunk, per_chunk))
+            jax_ms.append(_ms_per_step(jax_chunk, per_chunk))
+            torch_ms.append(_ms_per_step(torch_chunk, per_chunk))
     ratios = [t / j for j, t in zip(jax_ms, torch_ms, strict=True)]
     jm, tm = statistics.median(jax_ms), statistics.median(torch_ms)
     return {
