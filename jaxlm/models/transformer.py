@@ -261,8 +261,8 @@ class Stack(nnx.Module):
         if self.cfg.remat != "none":
             run_block = nnx.remat(run_block, policy=REMAT_POLICIES[self.cfg.remat])
         # On CPU, XLA fuses the residual stream's gradient into every consumer, so each block's
-        # backward recomputes the chain of all blocks above it (quadratic in depth; 2x the step
-        # time of 4 blocks). A barrier per block makes it materialize once.
+        # backward recomputes the chain of all blocks above it (quadratic in depth; with GPT-2
+        # blocks, half of a 4-block step). A barrier per block makes it materialize once.
         cpu = jax.default_backend() == "cpu"
         for block, key in zip(self.blocks, keys[:-1], strict=False):
             x_BTD = layers.fusion_barrier(x_BTD) if cpu else x_BTD
