@@ -28,12 +28,12 @@ test: install
 
 lint: install
 	$(BIN)/lint-imports --config setup.cfg
-	$(BIN)/ruff check jaxlm tests experiments
-	$(BIN)/ruff format --check jaxlm tests experiments
+	$(BIN)/ruff check jaxlm tests experiments benchmarks
+	$(BIN)/ruff format --check jaxlm tests experiments benchmarks
 
 format: install
-	$(BIN)/ruff format jaxlm tests experiments
-	$(BIN)/ruff check --fix jaxlm tests experiments
+	$(BIN)/ruff format jaxlm tests experiments benchmarks
+	$(BIN)/ruff check --fix jaxlm tests experiments benchmarks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm import sharding
+from jaxlm.models import layers
 from jaxlm.models.attention import Attention, RelativePositionBias, cross_mask, segment_mask
 from jaxlm.models.heads import (
     CLASSIFIER_ACTIVATIONS,
@@ -312,7 +313,12 @@ class Stack(nnx.Module):
 
         if self.cfg.remat != "none":
             run_block = nnx.remat(run_block, policy=REMAT_POLICIES[self.cfg.remat])
+        # On CPU, XLA fuses the residual stream's gradient into every consumer, so each block's
+        # backward recomputes the chain of all blocks above it (quadratic in depth; with GPT-2
+        # blocks, half of a 4-block step). A barrier per block makes it materialize once.
+        cpu = jax.default_backend() == "cpu"
         for block, key in zip(self.blocks, keys[:-1], strict=False):
+            x_BTD = layers.fusion_barrier(x_BTD) if cpu else x_BTD
             x_BTD = run_block(block, x_BTD, positions_BT, mask_B1TS, bias_BNTS, memory, key)
         return self._final(x_BTD)
 

@@ -1,0 +1,301 @@
+"""jaxlm against PyTorch eager on the same CPU: train step and greedy decoding, side by side.
+
+    python benchmarks/compare_torch.py [--sizes pylm_tiny,issue,gpt2_small] [--rounds 5]
+
+The same GPT-2-style model (learned positions, LayerNorm with bias, tanh GELU, tied embeddings,
+fp32) is built in jaxlm and as transformers' GPT2LMHeadModel with jaxlm's initial weights copied
+in, so both start from the same loss and greedy decoding must emit the same tokens. Both train
+the same batch with AdamW and global-norm clipping. Timing alternates between the two in one
+process (a chunk of jaxlm steps, then a chunk of torch steps, `--rounds` times), so both see the
+same load from other processes; each figure is the median over rounds of the per-step mean.
+
+Prints one JSON line per size: median step times, `train_speedup` (torch ms / jaxlm ms, > 1 when
+jaxlm is faster) with its spread over rounds, and per decode batch size the tokens/s of jaxlm's
+compiled loop and of `transformers.generate` (prefill included in both), their ratio, and
+whether the greedy tokens are identical. Threads: torch uses one intra-op thread per core
+(the cores this process may use, `--cores` pins it to fewer); XLA's CPU client sizes its pool
+to the same cores.
+
+This script lives outside the jaxlm package: jaxlm never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from jaxlm import benchmark, sharding, train
+from jaxlm.config import base_config, gpt2_style
+from jaxlm.generate import SamplingSettings, make_generate
+
+# name -> (layers, d_model, heads, d_ff, vocab, batch, seq_len)
+SIZES = {
+    "tiny": (2, 32, 2, 64, 65, 2, 16),  # the test's size (make test)
+    "pylm_tiny": (4, 128, 4, 512, 2048, 32, 128),  # experiments/pylm_tiny.py's dims
+    "issue": (4, 128, 4, 512, 65, 12, 64),  # issue 20's measurement
+    "gpt2_small": (12, 768, 12, 3072, 50257, 1, 256),  # GPT-2 124M, one row of 256
+}
+
+
+def jaxlm_config(size: str, max_len: int, lr: float = 1e-4):
+    layers, d, heads, ff, vocab, batch, seq = SIZES[size]
+    c = base_config()
+    gpt2_style(c.model)
+    c.model.update(num_layers=layers, d_model=d, num_heads=heads, d_ff=ff, vocab_size=vocab)
+    c.model.update(max_len=max(max_len, seq), dtype="float32")
+    c.data.update(source="synthetic", batch_size=batch, seq_len=seq)
+    c.optim.update(lr=lr, warmup_steps=0, weight_decay=0.1, clip_norm=1.0, b1=0.9, b2=0.95)
+    return c
+
+
+def torch_model(cfg, params: dict):
+    """GPT2LMHeadModel of jaxlm's config holding jaxlm's parameters `params` (numpy)."""
+    m = cfg.model
+    hf = GPT2Config(
+        vocab_size=m.vocab_size,
+        n_positions=m.max_len,
+        n_embd=m.d_model,
+        n_layer=m.num_layers,
+        n_head=m.num_heads,
+        n_inner=m.d_ff,
+        activation_function="gelu_new",  # tanh GELU, jaxlm's "gelu"
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        layer_norm_epsilon=m.norm_eps,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    model = GPT2LMHeadModel(hf)
+    d = m.d_model
+    flat = lambda x: np.asarray(x).reshape(d, -1)  # [D, N, H] -> [D, N*H], heads major
+    state = {
+        "transformer.wte.weight": params["embed"]["embedding"],
+        "transformer.wpe.weight": params["pos_embed"],
+        "transformer.ln_f.weight": params["final_norm"]["scale"],
+        "transformer.ln_f.bias": params["final_norm"]["bias"],
+    }
+    for i in range(m.num_layers):
+        b, a, p = params["blocks"][i], params["blocks"][i]["attn"], f"transformer.h.{i}."
+        qkv = [a[k] for k in ("query", "key", "value")]
+        state.update(
+            {
+                p + "ln_1.weight": b["attn_norm"]["scale"],
+                p + "ln_1.bias": b["attn_norm"]["bias"],
+                p + "attn.c_attn.weight": np.concatenate([flat(x["kernel"]) for x in qkv], 1),
+                p + "attn.c_attn.bias": np.concatenate([np.ravel(x["bias"]) for x in qkv]),
+                p + "attn.c_proj.weight": np.asarray(a["out"]["kernel"]).reshape(-1, d),
+                p + "attn.c_proj.bias": a["out"]["bias"],
+                p + "ln_2.weight": b["mlp_norm"]["scale"],
+                p + "ln_2.bias": b["mlp_norm"]["bias"],
+                p + "mlp.c_fc.weight": b["mlp"]["up"]["kernel"],
+                p + "mlp.c_fc.bias": b["mlp"]["up"]["bias"],
+                p + "mlp.c_proj.weight": b["mlp"]["down"]["kernel"],
+                p + "mlp.c_proj.bias": b["mlp"]["down"]["bias"],
+            }
+        )
+    tensors = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    # The LM head is the tied embedding; the attention bias buffers are not parameters.
+    left = [k for k in missing if k != "lm_head.weight" and not k.endswith("attn.bias")]
+    if left or unexpected:
+        raise RuntimeError(f"weight copy: missing {left}, unexpected {unexpected}")
+    model.tie_weights()
+    return model
+
+
+def _ms_per_step(run_chunk, per_chunk: int) -> float:
+    t0 = time.perf_counter()
+    run_chunk()
+    return 1e3 * (time.perf_counter() - t0) / per_chunk
+
+
+def compare_train(cfg, s, state, tmodel, rounds: int, per_chunk: int) -> dict:
+    """Alternate chunks of jaxlm and torch train steps on one batch; median ms per step each."""
+    step_fn = train.make_train_step(s)
+    host = s.data.train_batch(0)
+    batch = jax.device_put(host, s.batch_sharding)
+    inputs = torch.from_numpy(np.asarray(host["inputs"], np.int64))
+    targets = torch.from_numpy(np.asarray(host["targets"], np.int64))
+    o = cfg.optim
+    opt = torch.optim.AdamW(
+        tmodel.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay
+    )
+    tmodel.train()
+
+    def torch_step():
+        opt.zero_grad(set_to_none=True)
+        logits = tmodel(inputs).logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tmodel.parameters(), o.clip_norm)
+        opt.step()
+        return loss
+
+    box = {"state": state}
+
+    def jax_chunk():
+        st, metrics = box["state"], None
+        for _ in range(per_chunk):
+            st, metrics = step_fn(st, batch)
+        jax.block_until_ready(metrics)
+        box["state"], box["metrics"] = st, metrics
+
+    def torch_chunk():
+        for _ in range(per_chunk):
+            box["torch_loss"] = torch_step()
+        box["torch_loss"].item()
+
+    with sharding.use_rules(s.mesh, cfg.mesh.rules):
+        box["state"], metrics = step_fn(box["state"], batch)  # compile
+        jax_loss = float(metrics["loss"])
+        torch_loss = float(torch_step().detach())
+        jax_chunk(), torch_chunk()  # warm-up
+        jax_ms, torch_ms = [], []
+        for _ in range(rounds):
+            jax_ms.append(_ms_per_step(jax_chunk, per_chunk))
+            torch_ms.append(_ms_per_step(torch_chunk, per_chunk))
+    ratios = [t / j for j, t in zip(jax_ms, torch_ms, strict=True)]
+    jm, tm = statistics.median(jax_ms), statistics.median(torch_ms)
+    return {
+        "jaxlm_step_ms": round(jm, 2),
+        "torch_step_ms": round(tm, 2),
+        "train_speedup": round(tm / jm, 3),
+        "train_speedup_range": [round(min(ratios), 3), round(max(ratios), 3)],
+        "loss_first": {"jaxlm": round(jax_loss, 5), "torch": round(torch_loss, 5)},
+    }
+
+
+def compare_decode(cfg, s, params, tmodel, batch: int, prompt_len: int, new_tokens: int, rounds):
+    """Greedy generation of `new_tokens` after random prompts: tokens/s of each, same tokens?"""
+    gen = make_generate(s.graphdef, SamplingSettings(max_new_tokens=new_tokens, temperature=0.0))
+    rng = np.random.default_rng(batch)
+    prompts = rng.integers(0, cfg.model.vocab_size, (batch, prompt_len), dtype=np.int32)
+    lengths = jax.numpy.full((batch,), prompt_len, "int32")
+    key = jax.random.key(0)
+    tprompts = torch.from_numpy(prompts.astype(np.int64))
+    tmodel.eval()
+
+    def jax_run():
+        return jax.block_until_ready(gen(params, prompts, lengths, key))[0]
+
+    def torch_run():
+        with torch.inference_mode():
+            out = tmodel.generate(
+                tprompts,
+                attention_mask=torch.ones_like(tprompts),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        return out[:, prompt_len:]
+
+    with sharding.use_rules(s.mesh, cfg.mesh.rules):
+        jax_tokens, torch_tokens = np.asarray(jax_run()), torch_run().numpy()  # compile, warm
+        jax_s, torch_s = [], []
+        for _ in range(rounds):
+            for run, times in ((jax_run, jax_s), (torch_run, torch_s)):
+                t0 = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - t0)
+    same = jax_tokens.shape == torch_tokens.shape and bool((jax_tokens == torch_tokens).all())
+    jt = batch * new_tokens / statistics.median(jax_s)
+    tt = batch * new_tokens / statistics.median(torch_s)
+    return {
+        "batch": batch,
+        "jaxlm_tokens_per_sec": round(jt, 1),
+        "torch_tokens_per_sec": round(tt, 1),
+        "decode_speedup": round(jt / tt, 3),
+        "greedy_identical": same,
+        "matching_tokens": float(np.mean(jax_tokens == torch_tokens)) if not same else 1.0,
+    }
+
+
+def run_size(size: str, args) -> dict:
+    cfg = jaxlm_config(size, args.prompt_len + args.new_tokens)
+    s = train.setup(cfg, None, data=benchmark.synthetic_source(cfg))
+    state = train.create_state(s)
+    params = jax.device_get(state["params"])  # before any step: both models start here
+    tmodel = torch_model(cfg, params)
+    layers, d, heads, ff, vocab, batch, seq = SIZES[size]
+    row = {
+        "size": size,
+        "shape": dict(layers=layers, d_model=d, heads=heads, d_ff=ff, vocab=vocab),
+        "batch": [batch, seq],
+        "params": s.model_cfg.num_params(),
+    }
+    _progress(f"{size}: train steps")
+    row.update(compare_train(cfg, s, state, tmodel, args.rounds, args.steps))
+    _progress(f"{size}: {row['jaxlm_step_ms']} ms vs {row['torch_step_ms']} ms; decoding")
+    if args.decode_batches:
+        # Fresh copies of the initial weights (the train steps above changed both models).
+        tmodel = torch_model(cfg, params)
+        jparams = jax.device_put(params, s.model.shardings)
+        row["decode"] = [
+            compare_decode(
+                cfg, s, jparams, tmodel, int(b), args.prompt_len, args.new_tokens, args.rounds
+            )
+            for b in args.decode_batches.split(",")
+        ]
+    row.update(
+        {
+            "threads": {
+                "torch": torch.get_num_threads(),
+                "xla_cores": len(os.sched_getaffinity(0)),
+            },
+            "torch_attention": tmodel.config._attn_implementation,
+            "versions": {
+                "jax": jax.__version__,
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+            },
+            "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        }
+    )
+    return row
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="pylm_tiny,issue,gpt2_small", help=", ".join(SIZES))
+    p.add_argument("--rounds", type=int, default=5, help="alternations (median over them)")
+    p.add_argument("--steps", type=int, default=5, help="train steps per chunk")
+    p.add_argument("--decode_batches", default="1,32", help="empty: no decoding")
+    p.add_argument("--prompt_len", type=int, default=16)
+    p.add_argument("--new_tokens", type=int, default=128)
+    p.add_argument("--cores", type=int, default=0, help="pin to this many cores; 0: all allowed")
+    args = p.parse_args(argv)
+    if args.cores:
+        # Before XLA's CPU client exists: it sizes its thread pool to the cores it may use.
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
+    unknown = [x for x in args.sizes.split(",") if x not in SIZES]
+    if unknown:
+        p.error(f"unknown size {unknown[0]!r}; use one of {', '.join(SIZES)}")
+    torch.set_num_threads(_cores())  # torch's pool: the same cores
+    for size in args.sizes.split(","):
+        print(json.dumps(run_size(size, args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
