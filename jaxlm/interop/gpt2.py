@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxlm.interop.hf_files import ConversionError
+from jaxlm.interop.hf_files import ConversionError, take_lm_head
 from jaxlm.models.transformer import TransformerConfig
 
 ARCHITECTURES = {"GPT2LMHeadModel": "lm"}
@@ -152,16 +152,11 @@ def params_from_hf(tensors: dict, cfg: TransformerConfig, architecture: str) -> 
         "blocks": blocks,
         "final_norm": _norm(take, p + "ln_f"),
     }
-    head = tensors.pop("lm_head.weight", None)
-    if not cfg.tie_embeddings:
-        if head is None:
-            raise KeyError("lm_head.weight")
-        params["lm_head"] = head.T
-    elif head is not None and not np.array_equal(head, params["embed"]["embedding"]):
-        raise ConversionError(
-            "lm_head.weight differs from transformer.wte.weight but config.json says "
-            "tie_word_embeddings=true; set it to false to keep both"
-        )
+    head = take_lm_head(
+        tensors, cfg.tie_embeddings, params["embed"]["embedding"], "transformer.wte.weight"
+    )
+    if head is not None:
+        params["lm_head"] = head
     return params
 
 

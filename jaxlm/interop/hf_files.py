@@ -78,6 +78,24 @@ def read_tensors(hf_dir: str | Path) -> dict[str, np.ndarray]:
     return out
 
 
+def take_lm_head(tensors: dict, tied: bool, embedding: np.ndarray, embed_name: str):
+    """jaxlm's untied [D, V] head from HF's `lm_head.weight` [V, D], or None when tied.
+
+    A tied model may still carry the copy transformers saves; it must equal the embedding.
+    """
+    head = tensors.pop("lm_head.weight", None)
+    if not tied:
+        if head is None:
+            raise KeyError("lm_head.weight")
+        return head.T
+    if head is not None and not np.array_equal(head, embedding):
+        raise ConversionError(
+            f"lm_head.weight differs from {embed_name} but config.json says "
+            "tie_word_embeddings=true; set it to false to keep both"
+        )
+    return None
+
+
 def parse_size(size: int | str) -> int:
     """Bytes in a shard size: 1000, "200KB", "5GB", "2GiB"."""
     if isinstance(size, int):
