@@ -38,6 +38,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from jaxlm import benchmark, sharding, train
 from jaxlm.config import base_config, gpt2_style
 from jaxlm.generate import SamplingSettings, make_generate
+from jaxlm.interop import gpt2
 
 # name -> (layers, d_model, heads, d_ff, vocab, batch, seq_len)
 SIZES = {
@@ -59,53 +60,12 @@ def jaxlm_config(size: str, max_len: int, lr: float = 1e-4):
     return c
 
 
-def torch_model(cfg, params: dict):
-    """GPT2LMHeadModel of jaxlm's config holding jaxlm's parameters `params` (numpy)."""
-    m = cfg.model
-    hf = GPT2Config(
-        vocab_size=m.vocab_size,
-        n_positions=m.max_len,
-        n_embd=m.d_model,
-        n_layer=m.num_layers,
-        n_head=m.num_heads,
-        n_inner=m.d_ff,
-        activation_function="gelu_new",  # tanh GELU, jaxlm's "gelu"
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        layer_norm_epsilon=m.norm_eps,
-        tie_word_embeddings=True,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    model = GPT2LMHeadModel(hf)
-    d = m.d_model
-    flat = lambda x: np.asarray(x).reshape(d, -1)  # [D, N, H] -> [D, N*H], heads major
-    state = {
-        "transformer.wte.weight": params["embed"]["embedding"],
-        "transformer.wpe.weight": params["pos_embed"],
-        "transformer.ln_f.weight": params["final_norm"]["scale"],
-        "transformer.ln_f.bias": params["final_norm"]["bias"],
-    }
-    for i in range(m.num_layers):
-        b, a, p = params["blocks"][i], params["blocks"][i]["attn"], f"transformer.h.{i}."
-        qkv = [a[k] for k in ("query", "key", "value")]
-        state.update(
-            {
-                p + "ln_1.weight": b["attn_norm"]["scale"],
-                p + "ln_1.bias": b["attn_norm"]["bias"],
-                p + "attn.c_attn.weight": np.concatenate([flat(x["kernel"]) for x in qkv], 1),
-                p + "attn.c_attn.bias": np.concatenate([np.ravel(x["bias"]) for x in qkv]),
-                p + "attn.c_proj.weight": np.asarray(a["out"]["kernel"]).reshape(-1, d),
-                p + "attn.c_proj.bias": a["out"]["bias"],
-                p + "ln_2.weight": b["mlp_norm"]["scale"],
-                p + "ln_2.bias": b["mlp_norm"]["bias"],
-                p + "mlp.c_fc.weight": b["mlp"]["up"]["kernel"],
-                p + "mlp.c_fc.bias": b["mlp"]["up"]["bias"],
-                p + "mlp.c_proj.weight": b["mlp"]["down"]["kernel"],
-                p + "mlp.c_proj.bias": b["mlp"]["down"]["bias"],
-            }
-        )
+def torch_model(model_cfg, params: dict):
+    """GPT2LMHeadModel of jaxlm's model config holding jaxlm's parameters `params` (numpy), through
+    the same converter as `jaxlm-convert export`."""
+    hf = gpt2.config_to_hf(model_cfg, "GPT2LMHeadModel", {})
+    model = GPT2LMHeadModel(GPT2Config(**hf))
+    state = gpt2.params_to_hf(jax.device_get(params), model_cfg, "GPT2LMHeadModel")
     tensors = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in state.items()}
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     # The LM head is the tied embedding; the attention bias buffers are not parameters.
@@ -229,7 +189,7 @@ def run_size(size: str, args) -> dict:
     s = train.setup(cfg, None, data=benchmark.synthetic_source(cfg))
     state = train.create_state(s)
     params = jax.device_get(state["params"])  # before any step: both models start here
-    tmodel = torch_model(cfg, params)
+    tmodel = torch_model(s.model_cfg, params)
     layers, d, heads, ff, vocab, batch, seq = SIZES[size]
     row = {
         "size": size,
@@ -242,7 +202,7 @@ def run_size(size: str, args) -> dict:
     _progress(f"{size}: {row['jaxlm_step_ms']} ms vs {row['torch_step_ms']} ms; decoding")
     if args.decode_batches:
         # Fresh copies of the initial weights (the train steps above changed both models).
-        tmodel = torch_model(cfg, params)
+        tmodel = torch_model(s.model_cfg, params)
         jparams = jax.device_put(params, s.model.shardings)
         row["decode"] = [
             compare_decode(
