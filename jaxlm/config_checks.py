@@ -11,6 +11,10 @@ import ml_collections
 
 from jaxlm.data.sources import parse_sources
 from jaxlm.data.types import DataError
+from jaxlm.models.heads import CLASSIFIER_ACTIVATIONS, POOLINGS
+from jaxlm.models.layers import MLP_KINDS
+from jaxlm.models.quant import QUANT_KINDS
+from jaxlm.models.transformer import BLOCK_NORMS, FAMILIES, POSITIONS
 
 
 class ConfigError(ValueError):
@@ -19,17 +23,17 @@ class ConfigError(ValueError):
 
 CHOICES = {
     "model.norm": ("rmsnorm", "layernorm"),
-    "model.mlp": ("swiglu", "gelu", "gelu_exact", "relu", "geglu"),
-    "model.family": ("decoder", "encoder", "encoder_decoder"),
-    "model.positions": ("rope", "learned", "relative"),
-    "model.pooling": ("auto", "first", "mean", "last"),
-    "model.block_norm": ("pre", "post"),
-    "model.classifier_activation": ("tanh", "relu"),
+    "model.mlp": tuple(MLP_KINDS),
+    "model.family": FAMILIES,
+    "model.positions": POSITIONS,
+    "model.pooling": POOLINGS,
+    "model.block_norm": BLOCK_NORMS,
+    "model.classifier_activation": tuple(CLASSIFIER_ACTIVATIONS),
     "model.attention_impl": ("xla", "cudnn"),
     "model.dtype": ("bfloat16", "float32"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
-    "model.quant": ("none", "int8", "int4"),
+    "model.quant": QUANT_KINDS,
     "data.decode_errors": ("strict", "replace"),
     "data.normalize": ("none", "NFC", "NFKC"),
     "data.tokenizer_type": ("bpe", "unigram", "char"),
