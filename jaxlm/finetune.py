@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlm import config as config_lib
 from jaxlm import sharding, state, transforms
-from jaxlm.checkpoint import CheckpointError, open_step
+from jaxlm.checkpoint import CheckpointError
 from jaxlm.config import ConfigError, parse_init_from
 
 _SHOWN = 5  # parameters named in one error or summary line before "(+N more)"
@@ -80,7 +80,7 @@ def load_pretrained(
     try:
         src_config = config_lib.load_run_config(workdir)
         names = transforms.check(config_lib.transform_names(src_config))
-        ckpt, step = open_step(config_lib.checkpoint_dir(src_config, workdir), step, workdir)
+        ckpt, step = state.open_checkpoint(src_config, workdir, step)
     except (ConfigError, CheckpointError) as e:
         raise type(e)(f"{key}: {e}") from None
     # The checkpoint's errors name its directory; the prefix names the key that led there.

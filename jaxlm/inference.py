@@ -42,7 +42,6 @@ from jaxlm import (
     train,
     transforms,
 )
-from jaxlm.checkpoint import Checkpointer, open_step
 from jaxlm.compress import lora
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.data.types import EOS_ID
@@ -54,11 +53,6 @@ def run_config(workdir: str | Path, overrides: Sequence[str] = ()):
     """A run's config for evaluation or generation on this machine (see config.for_platform)."""
     config = config_lib.load_run_config(workdir, overrides)
     return config_lib.for_platform(config, jax.devices()[0].platform)
-
-
-def open_checkpoint(config, workdir: str | Path, step: int | None) -> tuple[Checkpointer, int]:
-    """The run's checkpointer and the step to restore (the latest when None), checked."""
-    return open_step(config_lib.checkpoint_dir(config, workdir), step, workdir)
 
 
 def _load(config, model: ModelState, ckpt, step: int, sha: str | None, names):
@@ -106,7 +100,8 @@ def evaluate_run(
     BeamSettings(beam_size=beam_size, length_penalty=length_penalty).check()
     config = run_config(workdir, overrides)
     names = transforms.check(config_lib.transform_names(config))
-    ckpt, step = open_checkpoint(config, workdir, step)  # a missing step fails before the data
+    # A missing step fails before the data is built.
+    ckpt, step = state.open_checkpoint(config, workdir, step)
     try:
         s = train.setup(config, workdir, devices, optimizer=False)
         params, s.model = _load(config, s.model, ckpt, step, s.data.tokenizer_sha256, names)
@@ -149,7 +144,7 @@ class LanguageModel:
         tok_path = tokenizer_lib.run_file(workdir)  # tokenizer.model or tokenizer.json
         tokenizer = None if tok_path is None else tokenizer_lib.load(tok_path)
         mesh = sharding.mesh_from_config(config.mesh, devices)
-        ckpt, step = open_checkpoint(config, workdir, step)
+        ckpt, step = state.open_checkpoint(config, workdir, step)
         try:
             # No data and no optimizer: the checkpoint's meta knows the vocabulary, and the
             # restore checks the rest of the model config against it.

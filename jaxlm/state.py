@@ -17,8 +17,9 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
+from jaxlm import config as config_lib
 from jaxlm import sharding, transforms
-from jaxlm.checkpoint import Checkpointer, CheckpointError
+from jaxlm.checkpoint import Checkpointer, CheckpointError, open_step
 from jaxlm.models.families import build_model
 from jaxlm.models.transformer import TransformerConfig
 
@@ -129,3 +130,9 @@ class ModelState:
     ) -> tuple[dict, ModelState]:
         """A run's parameters ready for use: restored, then transformed (see `transformed`)."""
         return self.transformed(self.restore(ckpt, step, tokenizer_sha256), names)
+
+
+def open_checkpoint(config, workdir, step: int | None) -> tuple[Checkpointer, int]:
+    """A run's checkpointer (train.checkpoint_dir, or WORKDIR/checkpoints) and the step to
+    restore (the latest when None), checked: a missing step names the ones saved."""
+    return open_step(config_lib.checkpoint_dir(config, workdir), step, workdir)

@@ -26,7 +26,7 @@ from flax import nnx
 
 from jaxlm import config as config_lib
 from jaxlm import evaluate, objectives, state, tasks, transforms
-from jaxlm.checkpoint import CheckpointError, open_step
+from jaxlm.checkpoint import CheckpointError
 from jaxlm.config import OBJECTIVE_FAMILY, ConfigError
 from jaxlm.data.types import DataSource
 
@@ -98,7 +98,7 @@ def load_teacher(config, data: DataSource, mesh) -> Teacher:
         )
     names = transforms.check(config_lib.transform_names(tconfig))
     try:
-        ckpt, step = open_step(config_lib.checkpoint_dir(tconfig, workdir), step, workdir)
+        ckpt, step = state.open_checkpoint(tconfig, workdir, step)
     except CheckpointError as e:
         raise CheckpointError(f"{key}: {e}") from None
     try:

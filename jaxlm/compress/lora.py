@@ -23,7 +23,6 @@ import jax.numpy as jnp
 
 from jaxlm import config as config_lib
 from jaxlm import finetune, sharding, state
-from jaxlm.checkpoint import open_step
 from jaxlm.compress import paths, runs
 from jaxlm.config import ConfigError
 from jaxlm.state import ModelState
@@ -200,7 +199,7 @@ def restore_run(workdir: str | Path, step: int | None = None, devices=None, base
             f"{workdir} is not a LoRA run (its train.lora_rank is 0): nothing to merge"
         )
     mesh = sharding.mesh_from_config(config.mesh, devices)
-    ckpt, step = open_step(config_lib.checkpoint_dir(config, workdir), step, workdir)
+    ckpt, step = state.open_checkpoint(config, workdir, step)
     try:
         meta = ckpt.read_meta(step)
         model_cfg = state.saved_model_config(meta, f"{ckpt.directory}/{step}")

@@ -19,7 +19,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from jaxlm import config as config_lib
-from jaxlm.checkpoint import open_step
+from jaxlm import state
 from jaxlm.compress import lora, paths
 from jaxlm.config import parse_init_from
 from jaxlm.interop import convert
@@ -110,9 +110,7 @@ def _base_architecture(config, model_cfg) -> tuple[str, str]:
     in its checkpoint, else the first architecture that represents the model."""
     base_dir, base_step = parse_init_from(config.train.init_from)
     base_config = config_lib.load_run_config(base_dir)
-    ckpt, base_step = open_step(
-        config_lib.checkpoint_dir(base_config, base_dir), base_step, base_dir
-    )
+    ckpt, base_step = state.open_checkpoint(base_config, base_dir, base_step)
     try:
         imported = ckpt.read_meta(base_step).get("imported_from") or {}
     finally:

@@ -22,7 +22,7 @@ import numpy as np
 
 from jaxlm import config as config_lib
 from jaxlm import sharding, state, tasks, transforms
-from jaxlm.checkpoint import Checkpointer, open_step
+from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import ConfigError
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.data.feed import to_device
@@ -53,7 +53,7 @@ class SourceRun:
         tok = tokenizer_lib.run_file(workdir)
         sha = None if tok is None else tokenizer_lib.load(tok).sha256
         mesh = sharding.mesh_from_config(config.mesh, devices)
-        ckpt, step = open_step(config_lib.checkpoint_dir(config, workdir), step, workdir)
+        ckpt, step = state.open_checkpoint(config, workdir, step)
         try:
             saved = state.saved_model_config(ckpt.read_meta(step), ckpt.directory / str(step))
             model_cfg = config_lib.model_config(here, saved.vocab_size)

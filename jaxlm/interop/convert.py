@@ -34,7 +34,7 @@ import numpy as np
 
 from jaxlm import config as config_lib
 from jaxlm import sharding, state
-from jaxlm.checkpoint import Checkpointer, open_step
+from jaxlm.checkpoint import Checkpointer
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.interop import bert, gpt2, hf_files, llama, t5
 from jaxlm.interop.hf_files import ConversionError
@@ -209,7 +209,7 @@ def run_params(run_dir: str | Path, step: int | None = None):
     mesh_cfg = copy.deepcopy(config.mesh)
     mesh_cfg.dcn_data, mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor = 1, 1, 1, 1
     mesh = sharding.mesh_from_config(mesh_cfg, jax.devices()[:1])
-    ckpt, step = open_step(config_lib.checkpoint_dir(config, run_dir), step, run_dir)
+    ckpt, step = state.open_checkpoint(config, run_dir, step)
     try:
         saved = state.saved_model_config(ckpt.read_meta(step), ckpt.directory / str(step))
         model = state.ModelState.build(
