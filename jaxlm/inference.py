@@ -55,11 +55,12 @@ def run_config(workdir: str | Path, overrides: Sequence[str] = ()):
     return config_lib.for_platform(config, jax.devices()[0].platform)
 
 
-def _load(config, model: ModelState, ckpt, step: int, sha: str | None, names):
-    """A run's parameters for use; a LoRA run's adapters come merged into their base."""
+def _reader(config) -> state.Reader:
+    """How a run's checkpoint becomes parameters: a LoRA run's adapters come merged into their
+    base, any other run's parameters are restored as they are."""
     if config.train.lora_rank > 0:
-        return model.transformed(lora.load_merged(config, model, ckpt, step, sha), names)
-    return model.load(ckpt, step, sha, names)
+        return functools.partial(lora.load_merged, config)
+    return ModelState.restore
 
 
 def evaluate_run(
@@ -104,7 +105,8 @@ def evaluate_run(
     ckpt, step = state.open_checkpoint(config, workdir, step)
     try:
         s = train.setup(config, workdir, devices, optimizer=False)
-        params, s.model = _load(config, s.model, ckpt, step, s.data.tokenizer_sha256, names)
+        params = _reader(config)(s.model, ckpt, step, s.data.tokenizer_sha256)
+        params, s.model = s.model.transformed(params, names)
     finally:
         ckpt.close()
     with s.model.rules_context():
@@ -140,24 +142,12 @@ class LanguageModel:
     def load(cls, workdir: str | Path, step: int | None = None, overrides=(), devices=None):
         config = run_config(workdir, overrides)
         _check_family(config, f"{workdir} trained")
-        names = transforms.check(config_lib.transform_names(config))
         tok_path = tokenizer_lib.run_file(workdir)  # tokenizer.model or tokenizer.json
         tokenizer = None if tok_path is None else tokenizer_lib.load(tok_path)
         mesh = sharding.mesh_from_config(config.mesh, devices)
-        ckpt, step = state.open_checkpoint(config, workdir, step)
-        try:
-            # No data and no optimizer: the checkpoint's meta knows the vocabulary, and the
-            # restore checks the rest of the model config against it.
-            vocab = state.saved_model_config(ckpt.read_meta(step), ckpt.directory / str(step))
-            vocab = vocab.vocab_size
-            model = ModelState.build(
-                config_lib.model_config(config, vocab), mesh, config.mesh.rules
-            )
-            sha = tokenizer.sha256 if tokenizer else None
-            params, model = _load(config, model, ckpt, step, sha, names)
-        finally:
-            ckpt.close()
-        return cls(config, model, params, tokenizer, step)
+        sha = tokenizer.sha256 if tokenizer else None
+        run = state.open_run(workdir, config, step, mesh, sha, read=_reader(config))
+        return cls(config, run.model, run.params, tokenizer, run.step)
 
     @classmethod
     def from_pretrained(cls, hf_dir: str | Path, overrides=(), devices=None):

@@ -3,14 +3,17 @@
 `ModelState.build(model_cfg, mesh, rules)` gives the graphdef, the abstract parameters, their
 logical axes and shardings; `init` creates parameters already sharded (never whole on one device)
 and `restore` reads a checkpoint's parameters straight into those shardings, checked against the
-checkpoint's meta. The trainer adds the optimizer, the data and the objective on top of it; the
-eval program, `LanguageModel` and the benchmarks use it as it is.
+checkpoint's meta. `open_run(workdir, config, ...)` is how every reader of a finished run
+(LanguageModel, compression, export, a distillation teacher) gets its parameters. The trainer
+adds the optimizer, the data and the objective on top of it; the eval program, `LanguageModel`
+and the benchmarks use it as it is.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -125,14 +128,61 @@ class ModelState:
         # Transforms compute eagerly; the result goes back into the model's layout.
         return jax.device_put(params, ms.shardings), ms
 
-    def load(
-        self, ckpt: Checkpointer, step: int, tokenizer_sha256: str | None, names: Sequence[str]
-    ) -> tuple[dict, ModelState]:
-        """A run's parameters ready for use: restored, then transformed (see `transformed`)."""
-        return self.transformed(self.restore(ckpt, step, tokenizer_sha256), names)
-
 
 def open_checkpoint(config, workdir, step: int | None) -> tuple[Checkpointer, int]:
     """A run's checkpointer (train.checkpoint_dir, or WORKDIR/checkpoints) and the step to
     restore (the latest when None), checked: a missing step names the ones saved."""
     return open_step(config_lib.checkpoint_dir(config, workdir), step, workdir)
+
+
+# Reads checkpoint `step` into a model state's layout: (model state, checkpointer, step,
+# tokenizer sha256) -> parameters. ModelState.restore is the plain one.
+Reader = Callable[[ModelState, Checkpointer, int, "str | None"], dict]
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenedRun:
+    """A run's checkpoint ready for use (see `open_run`)."""
+
+    params: dict
+    model: ModelState
+    step: int
+    meta: dict
+
+
+def open_run(
+    workdir: str | Path,
+    config,
+    step: int | None,
+    mesh: Mesh,
+    tokenizer_sha256: str | None,
+    *,
+    fit_model: Callable[[TransformerConfig], TransformerConfig] | None = None,
+    check_meta: Callable[[dict], None] | None = None,
+    read: Reader | None = None,
+) -> OpenedRun:
+    """Checkpoint `step` of the run in `workdir` (the latest when None) for use: the model
+    `config` describes, with the vocabulary the checkpoint's meta records, built on `mesh`; its
+    parameters restored (checked against that model and tokenizer), then put through the run's
+    model.transforms. No optimizer state and no data are read.
+
+    `check_meta` sees the meta first (for a caller's own clearer errors); `fit_model` changes
+    fields that change no parameter before the build; `read` replaces the plain restore (a LoRA
+    run's adapters merged into their base).
+    """
+    names = transforms.check(config_lib.transform_names(config))
+    ckpt, step = open_checkpoint(config, workdir, step)
+    try:
+        meta = ckpt.read_meta(step)
+        if check_meta is not None:
+            check_meta(meta)
+        saved = saved_model_config(meta, ckpt.directory / str(step))
+        model_cfg = config_lib.model_config(config, saved.vocab_size)
+        if fit_model is not None:
+            model_cfg = fit_model(model_cfg)
+        model = ModelState.build(model_cfg, mesh, config.mesh.rules)
+        params = (read or ModelState.restore)(model, ckpt, step, tokenizer_sha256)
+    finally:
+        ckpt.close()
+    params, model = model.transformed(params, names)
+    return OpenedRun(params, model, step, meta)

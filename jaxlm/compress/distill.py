@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm import config as config_lib
-from jaxlm import evaluate, objectives, state, tasks, transforms
+from jaxlm import evaluate, objectives, state, tasks
 from jaxlm.checkpoint import CheckpointError
 from jaxlm.config import OBJECTIVE_FAMILY, ConfigError
 from jaxlm.data.types import DataSource
@@ -96,26 +96,22 @@ def load_teacher(config, data: DataSource, mesh) -> Teacher:
             f"not train task.objective={objective}; use a teacher of family "
             f"{' or '.join(OBJECTIVE_FAMILY[objective])}"
         )
-    names = transforms.check(config_lib.transform_names(tconfig))
-    try:
-        ckpt, step = state.open_checkpoint(tconfig, workdir, step)
-    except CheckpointError as e:
-        raise CheckpointError(f"{key}: {e}") from None
-    try:
-        meta = ckpt.read_meta(step)
-        theirs, ours = meta.get("tokenizer_sha256"), data.tokenizer_sha256
+    ours = data.tokenizer_sha256
+
+    def same_tokenizer(meta: dict) -> None:
+        theirs = meta.get("tokenizer_sha256")
         if theirs != ours:
             raise ConfigError(
                 f"{key}: the teacher used tokenizer sha256 {str(theirs)[:12]}, the student "
                 f"{str(ours)[:12]}; distillation compares token distributions, so set "
                 f"data.tokenizer to the teacher's ({workdir}/tokenizer.model)"
             )
-        saved = state.saved_model_config(meta, ckpt.directory / str(step))
-        model_cfg = config_lib.model_config(tconfig, saved.vocab_size)
-        model = state.ModelState.build(model_cfg, mesh, config.mesh.rules)
-        params, model = model.load(ckpt, step, theirs, names)
-    finally:
-        ckpt.close()
+
+    try:
+        run = state.open_run(workdir, tconfig, step, mesh, ours, check_meta=same_tokenizer)
+    except CheckpointError as e:
+        raise CheckpointError(f"{key}: {e}") from None
+    params, model, step = run.params, run.model, run.step
     if model.model_cfg.vocab_size != data.vocab_size:
         raise ConfigError(
             f"{key}: the teacher's vocabulary has {model.model_cfg.vocab_size} ids, the "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ import jax
 import numpy as np
 
 from jaxlm import config as config_lib
-from jaxlm import sharding, state, tasks, transforms
+from jaxlm import sharding, state, tasks
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import ConfigError
 from jaxlm.data import tokenizer as tokenizer_lib
@@ -49,22 +50,14 @@ class SourceRun:
     def open(cls, workdir: str | Path, step: int | None = None, devices=None) -> SourceRun:
         config = config_lib.load_run_config(workdir)
         here = config_lib.for_platform(config, jax.devices()[0].platform)
-        names = transforms.check(config_lib.transform_names(config))
         tok = tokenizer_lib.run_file(workdir)
         sha = None if tok is None else tokenizer_lib.load(tok).sha256
         mesh = sharding.mesh_from_config(config.mesh, devices)
-        ckpt, step = state.open_checkpoint(config, workdir, step)
-        try:
-            saved = state.saved_model_config(ckpt.read_meta(step), ckpt.directory / str(step))
-            model_cfg = config_lib.model_config(here, saved.vocab_size)
-            # Calibration records activations from Python: a rematerialized block would leak
-            # them out of its trace. remat changes no parameter (nor the saved meta).
-            model_cfg = dataclasses.replace(model_cfg, remat="none")
-            model = state.ModelState.build(model_cfg, mesh, config.mesh.rules)
-            params, model = model.load(ckpt, step, sha, names)
-        finally:
-            ckpt.close()
-        return cls(Path(workdir), config, model, params, step, sha)
+        # Calibration records activations from Python: a rematerialized block would leak them
+        # out of its trace. remat changes no parameter (nor the saved meta).
+        no_remat = functools.partial(dataclasses.replace, remat="none")
+        run = state.open_run(workdir, here, step, mesh, sha, fit_model=no_remat)
+        return cls(Path(workdir), config, run.model, run.params, run.step, sha)
 
     def data(self) -> DataSource:
         return build_source(config_lib.data_spec(self.config), self.workdir)

@@ -209,17 +209,9 @@ def run_params(run_dir: str | Path, step: int | None = None):
     mesh_cfg = copy.deepcopy(config.mesh)
     mesh_cfg.dcn_data, mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor = 1, 1, 1, 1
     mesh = sharding.mesh_from_config(mesh_cfg, jax.devices()[:1])
-    ckpt, step = state.open_checkpoint(config, run_dir, step)
-    try:
-        saved = state.saved_model_config(ckpt.read_meta(step), ckpt.directory / str(step))
-        model = state.ModelState.build(
-            config_lib.model_config(config, saved.vocab_size), mesh, config.mesh.rules
-        )
-        names = config_lib.transform_names(config)
-        params, model = model.load(ckpt, step, None if tok is None else tok.sha256, names)
-    finally:
-        ckpt.close()
-    return config, model.model_cfg, jax.tree.map(np.asarray, jax.device_get(params)), tok
+    run = state.open_run(run_dir, config, step, mesh, None if tok is None else tok.sha256)
+    params = jax.tree.map(np.asarray, jax.device_get(run.params))
+    return config, run.model.model_cfg, params, tok
 
 
 def special_ids(tok: tokenizer_lib.TokenizerAPI | None) -> dict:
