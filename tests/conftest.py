@@ -1,6 +1,7 @@
 """Tests run on CPU with 8 fake devices, so sharding over data, fsdp and tensor is exercised."""
 
 import atexit
+import collections
 import os
 import shutil
 import tempfile
@@ -161,8 +162,8 @@ def stdlib_mlm_run(tmp_path_factory):
 
 
 # Cold-cache CPU seconds per file dominate `make test`; with `--dist loadfile` xdist hands files
-# out in collection order (or by test count), so a slow file drawn last leaves the other worker
-# idle. These go first, slowest first; the rest follow in collection order.
+# out by test count, so a slow file drawn last leaves the other worker idle. These go first,
+# slowest first; the rest follow by test count.
 SLOWEST_FILES = (
     "test_multiprocess.py",
     "test_train.py",
@@ -198,11 +199,13 @@ def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadFileScheduling
 
     class SlowestFirst(LoadFileScheduling):
-        def schedule(self) -> None:
-            if self.collection is None:  # the first call builds the work queue from these
-                for node, collection in self.registered_collections.items():
-                    self.registered_collections[node] = slowest_first(list(collection))
-            super().schedule()
+        # The work queue (file -> its tests) is reordered, never the workers' collections: the
+        # scheduler sends each worker indexes into its own collection.
+        def _assign_work_unit(self, node) -> None:
+            if not getattr(self, "_sorted", False):  # the queue is complete at the first call
+                self._sorted = True
+                files = slowest_first(list(self.workqueue))
+                self.workqueue = collections.OrderedDict((f, self.workqueue[f]) for f in files)
+            super()._assign_work_unit(node)
 
-    config.option.loadscopereorder = False  # keep our order, not xdist's by-test-count one
     return SlowestFirst(config, log)
