@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import init_run, tiny_config
+from conftest import init_run, tiny_config, xla_flags
 
 from jaxlm import config as config_lib
 from jaxlm import finetune, sharding, train
@@ -209,7 +209,7 @@ def test_a_failed_prune_leaves_no_directory(base, tmp_path, monkeypatch):
 
 
 def test_cli_prunes_a_run_and_refuses_an_existing_out(base, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu"}
     cmd = [sys.executable, "-m", "jaxlm.cli.compress", "prune", "--workdir", str(base)]
     out = tmp_path / "out"
     args = ["--out", str(out), "--method", "magnitude", "--sparsity", "0.5"]
