@@ -166,6 +166,7 @@ def stdlib_mlm_run(tmp_path_factory):
 # slowest first; the rest follow by test count.
 SLOWEST_FILES = (
     "test_multiprocess.py",
+    "test_multiprocess_eval.py",
     "test_train.py",
     "test_faults_cli.py",
     "test_inference.py",

@@ -1,7 +1,7 @@
-"""Two local processes (jax.distributed on 127.0.0.1, 4 CPU devices each) train and evaluate like
-one process with 8 devices (training evals, the final eval and jaxlm-eval, for an LM on documents
-and a classifier on examples); SIGTERM to one of them stops both at the same step, and a restart
-continues. A hang (processes meeting different collectives) ends with where each process is."""
+"""Two local processes (jax.distributed on 127.0.0.1, 4 CPU devices each) train like one process
+with 8 devices, evals included; SIGTERM to one of them stops both at the same step, and a restart
+continues. A hang (processes meeting different collectives) ends with where each process is.
+Multi-process evaluation has its own file, test_multiprocess_eval.py."""
 
 import json
 import os
@@ -12,19 +12,24 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_config, xla_flags
+from multiprocess_helpers import (
+    ROOT,
+    assert_same_metrics,
+    evals,
+    experiment_file,
+    finish,
+    free_port,
+    launch_train,
+    losses,
+)
 
-from jaxlm import config_checks, distributed, eval_loop, inference, sharding, train
-from jaxlm.config import ConfigError, base_config
-from jaxlm.data import feed, tokenizer
+from jaxlm import config_checks, distributed, train
+from jaxlm.config import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 40
 
 
@@ -37,114 +42,12 @@ def run_config():
     return c
 
 
-def _flat(d, prefix=""):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from _flat(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}", v
-
-
-def experiment_file(tmp_path: Path, config=None, name: str = "tiny") -> Path:
-    """An experiment file holding `config` (default run_config()): a subprocess must not import
-    conftest, which sets 8 devices."""
-    base = dict(_flat(base_config().to_dict()))
-    config = run_config() if config is None else config
-    changed = [f"{k}={v}" for k, v in _flat(config.to_dict()) if base[k] != v]
-    path = tmp_path / f"{name}.py"
-    path.write_text(
-        "from jaxlm.config import apply_overrides, base_config\n\n\n"
-        f"def get_config():\n    c = base_config()\n    apply_overrides(c, {changed!r})\n"
-        "    return c\n"
-    )
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(module: str, *args: str) -> list[subprocess.Popen]:
-    """`python -m module args` as processes 0 and 1 of one job, 4 CPU devices each."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = xla_flags(4)
-    port = free_port()
-    procs = []
-    for i in range(2):
-        cmd = [
-            sys.executable, "-m", module, *args, "--coordinator_address", f"127.0.0.1:{port}",
-            "--num_processes", "2", "--process_id", str(i),
-        ]  # fmt: skip
-        procs.append(
-            subprocess.Popen(
-                cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
-        )
-    return procs
-
-
-def launch_train(experiment: Path, workdir: Path) -> list[subprocess.Popen]:
-    return launch("jaxlm.cli.train", "--config", str(experiment), "--workdir", str(workdir))
-
-
-def finish(procs: list[subprocess.Popen], timeout: float, what: str) -> list[tuple[str, str]]:
-    """Both processes' (stdout, stderr) once they exit 0; a hang fails the test, naming it."""
-    deadline, outs = time.time() + timeout, []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=max(deadline - time.time(), 1)))
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        tails = [f"process {i}: ...{''.join(p.communicate())[-1500:]}" for i, p in enumerate(procs)]
-        pytest.fail(
-            f"{what} hung: the 2 processes did not exit within {timeout:g} s (a collective one "
-            "of them never joins); their output ends:\n" + "\n".join(tails)
-        )
-    for i, (p, (_, err)) in enumerate(zip(procs, outs, strict=True)):
-        assert p.returncode == 0, f"{what}: process {i} exited {p.returncode}: {err[-2000:]}"
-    return outs
-
-
-def records(workdir: Path) -> list[dict]:
-    path = workdir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def losses(workdir: Path) -> dict[int, float]:
-    return {r["step"]: r["train/loss"] for r in records(workdir) if "train/loss" in r}
-
-
-def evals(workdir: Path) -> dict[int, dict]:
-    """{step: {metric: value}} of the training loop's evals."""
-    out: dict[int, dict] = {}
-    for r in records(workdir):
-        metrics = {k.removeprefix("eval/"): v for k, v in r.items() if k.startswith("eval/")}
-        if metrics:
-            out.setdefault(r["step"], {}).update(metrics)
-    return out
-
-
-def assert_same_metrics(got: dict, want: dict) -> None:
-    """Losses to 1e-5 (float sums in another order); counts, accuracy and F1 exactly."""
-    assert sorted(got) == sorted(want)
-    for key, value in want.items():
-        if key in ("loss", "perplexity", "bits_per_byte"):
-            np.testing.assert_allclose(got[key], value, rtol=1e-5, err_msg=key)
-        else:
-            assert got[key] == value, (key, got[key], value)
-
-
 def test_two_processes_match_one_and_resume_after_sigterm(tmp_path):
     reference = tmp_path / "one"
     train.train(run_config(), reference)
     want = losses(reference)
 
-    experiment, workdir = experiment_file(tmp_path), tmp_path / "two"
+    experiment, workdir = experiment_file(tmp_path, run_config()), tmp_path / "two"
     procs = launch_train(experiment, workdir)
     deadline = time.time() + 240
     while not losses(workdir) and time.time() < deadline:
@@ -167,133 +70,6 @@ def test_two_processes_match_one_and_resume_after_sigterm(tmp_path):
     assert sorted(want_evals) == sorted(got_evals) == [15, 30, STEPS]
     for step, metrics in want_evals.items():
         assert_same_metrics(got_evals[step], metrics)
-
-
-WORDS = (
-    "the cat sat on a mat while dogs ran far away and birds sang in trees near old houses".split()
-)
-VALID_EXAMPLES = 795  # classify: 100 eval batches of 8, the last with 3 real examples
-
-
-def _sentence(rng: np.random.Generator) -> str:
-    return " ".join(rng.choice(WORDS, int(rng.integers(3, 12))))
-
-
-@pytest.fixture(scope="module")
-def texts(tmp_path_factory) -> Path:
-    """JSONL documents (lm) and labelled sentences (classify) with a tokenizer trained on them:
-    a multi-process run trains none, and its caches come from the one-process run."""
-    root = tmp_path_factory.mktemp("texts")
-    rng = np.random.default_rng(0)
-    # Validation: ~100 eval batches each (a dozen were too few to meet the hang this guards
-    # against), the last one mostly fill rows.
-    for split, docs, examples in (("train", 80, 80), ("validation", 200, VALID_EXAMPLES)):
-        lines = [{"text": " ".join(_sentence(rng) for _ in range(3))} for _ in range(docs)]
-        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-        lines = [{"text": _sentence(rng)} for _ in range(examples)]
-        for r in lines:
-            r["label"] = WORDS.index(r["text"].split()[0]) % 3
-        (root / f"{split}-cls.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    tokenizer.train_tokenizer(
-        [json.loads(line)["text"] for line in (root / "train.jsonl").read_text().splitlines()],
-        root / "tok.model",
-        vocab_size=300,
-    )
-    return root
-
-
-def eval_config(texts: Path, objective: str):
-    """4 steps, an eval of the whole validation split (fill rows in its last batch) at 2 and 4."""
-    c = tiny_config(objective=objective)
-    if objective == "classify":
-        c.data.source = f"jsonl:{texts}/{{split}}-cls.jsonl"
-        c.data.input_key, c.data.label_key = "text", "label"
-    else:
-        c.data.source = f"jsonl:{texts}/{{split}}.jsonl"
-    c.data.tokenizer = str(texts / "tok.model")
-    c.data.cache_dir = str(texts / "cache")
-    c.model.vocab_size = 0
-    c.train.steps = 4
-    c.train.eval_every = 2
-    c.train.eval_steps = 0
-    c.train.checkpoint_every = 1000
-    c.train.hang_timeout = 120  # a hang ends with where each process is, within the test's limit
-    return c
-
-
-@pytest.mark.parametrize("objective", ["lm", "classify"])
-def test_two_processes_evaluate_like_one(tmp_path, texts, objective):
-    config = eval_config(texts, objective)
-    reference = tmp_path / "one"
-    train.train(config, reference)  # also builds the caches the two processes read
-    want = evals(reference)
-    assert sorted(want) == [2, 4]
-
-    workdir = tmp_path / "two"
-    experiment = experiment_file(tmp_path, config, objective)
-    finish(launch_train(experiment, workdir), 180, f"{objective} training with evals")
-    got = evals(workdir)
-    assert sorted(got) == [2, 4]
-    for step in (2, 4):
-        assert_same_metrics(got[step], want[step])
-    # The last eval batch is filled up with rows that count nothing.
-    if objective == "lm":
-        described = json.loads((reference / "data.json").read_text())["sources"]
-        split = described[0]["validation"]
-        assert split["rows"] % config.data.batch_size != 0
-        assert want[4]["tokens"] == split["tokens"] - split["documents"]  # not each doc's first
-    else:  # an accuracy of k/795, not k/800
-        correct = want[4]["accuracy"] * VALID_EXAMPLES
-        assert 0 < correct < VALID_EXAMPLES and abs(correct - round(correct)) < 1e-6, want[4]
-
-    # jaxlm-eval in two processes, on N batches (the loop evaluated the whole split).
-    out = tmp_path / "eval.json"
-    args = ["--workdir", str(workdir), "--max_batches", "1", "--output", str(out)]
-    finish(launch("jaxlm.cli.eval", *args), 180, f"{objective} jaxlm-eval")
-    got = json.loads(out.read_text())
-    want = inference.evaluate_run(reference, max_batches=1)
-    assert got["step"] == want.pop("step") == 4
-    assert_same_metrics({k: got[k] for k in want}, want)
-
-
-@pytest.mark.parametrize("objective", ["lm", "span_corruption", "classify"])
-def test_processes_share_the_same_eval_batches(tmp_path, texts, objective):
-    """run_eval's contract with the data: for the whole split and for N batches, every process
-    gets as many eval batches as one process does, and their rows make up its batches."""
-    c = eval_config(texts, "lm" if objective == "span_corruption" else objective)
-    if objective == "span_corruption":  # a tokenizer with sentinels, trained for the run
-        c.task.objective, c.model.family = objective, "encoder_decoder"
-        c.data.tokenizer, c.data.tokenizer_sentinels = "", 16
-        c.data.tokenizer_vocab_size = 300
-    data = train.setup(c, tmp_path).data
-    for n in (0, 3):
-        whole = data.eval_batches(n, 0, 1)
-        shares = [data.eval_batches(n, i, 2) for i in range(2)]
-        assert len(whole) == len(shares[0]) == len(shares[1]) == (n or len(whole)) >= 3
-        for b, batch in enumerate(whole):
-            for key, value in batch.items():
-                got = np.concatenate([share[b][key] for share in shares])
-                np.testing.assert_array_equal(got, value, err_msg=f"batch {b} {key}")
-
-
-def test_eval_steps_are_chained_through_their_sums(tmp_path):
-    """Each eval step adds to the sums it is given, so consecutive steps depend on each other
-    and every device runs them in one order: independent steps may run in any order on CPU, and
-    two processes meeting different steps' collectives wait for each other forever."""
-    c = tiny_config(objective="classify")
-    s = train.setup(c, tmp_path)
-    params = train.create_state(s)["params"]
-    step = eval_loop.make_eval_step(s)
-    with sharding.use_rules(s.mesh, c.mesh.rules):
-        batch = feed.to_device(s.data.eval_batches(1)[0], s.batch_sharding)
-        index = jnp.int32(0)
-        zeros = step.zeros(params, batch, index)
-        once = step.step(params, batch, index, zeros)
-        twice = step.step(params, batch, index, once)
-    assert set(once) >= {"nll", "correct", "examples"}
-    for key, value in jax.device_get(once).items():
-        assert not np.any(jax.device_get(zeros[key]))
-        np.testing.assert_allclose(jax.device_get(twice[key]), 2 * value, rtol=1e-6, err_msg=key)
 
 
 def test_a_hang_names_where_each_process_is(tmp_path):
@@ -377,7 +153,7 @@ def test_distributed_arguments_are_checked():
 
 
 def test_a_workdir_in_use_stops_every_process(tmp_path):
-    experiment, workdir = experiment_file(tmp_path), tmp_path / "run"
+    experiment, workdir = experiment_file(tmp_path, run_config()), tmp_path / "run"
     holder = subprocess.Popen(["sleep", "60"])  # a live trainer holding the workdir
     workdir.mkdir()
     lock = {"pid": holder.pid, "host": socket.gethostname(), "token": "x"}
