@@ -13,7 +13,7 @@ from flax import nnx
 from test_families import build, tokens
 
 from jaxlm import config as config_lib
-from jaxlm.models.attention import attention_reference, grouped_attention
+from jaxlm.models.attention import attention_reference, grouped_attention, to_cache_layout
 from jaxlm.models.families import build_model
 
 
@@ -34,7 +34,9 @@ def test_attention_scale_in_the_kernel_and_the_decoding_path():
         return (
             attention_reference(q, k, v, causal=True, scale=1.0),
             jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=1.0),
-            grouped_attention(q, k, v, causal_TS[None], scale=1.0),
+            grouped_attention(
+                q, to_cache_layout(k), to_cache_layout(v), causal_TS[None], scale=1.0
+            ),
             attention_reference(q, k, v, causal=True),
         )
 

@@ -25,6 +25,17 @@ from jaxlm.models.layers import (
     rope,
 )
 
+# Decoding caches hold keys and values as [B, K, S, H]: the grouped-attention einsums contract
+# over H and S per (batch, kv head), so this layout is read in place; [B, S, K, H] made XLA copy
+# the whole cache into it on every decode step (most of a batch-32 step).
+CACHE_AXES = ("batch", "kv_heads", "length", "kv")
+
+
+def to_cache_layout(x_BSKH, dtype=None):
+    """Keys or values [B, S, K, H] from the projections -> the cache layout [B, K, S, H]."""
+    x_BKSH = jnp.swapaxes(x_BSKH, 1, 2)
+    return sharding.constrain(x_BKSH if dtype is None else x_BKSH.astype(dtype), CACHE_AXES)
+
 
 def segment_mask(q_segment_BT, kv_segment_BS):
     """[B, 1, T, S] True where query and key share a segment and the key is not padding (0)."""
@@ -137,10 +148,14 @@ class Attention(nnx.Module):
         return self._attend(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, causal, bias_BNTS)
 
     def project_kv(self, src_BSD) -> dict:
-        """Cross-attention keys and values of an encoder output, computed once for decoding."""
-        axes = ("batch", "length", "kv_heads", "kv")
-        k_BSKH = sharding.constrain(self.key(src_BSD), axes)
-        return {"k": k_BSKH, "v": sharding.constrain(self.value(src_BSD), axes)}
+        """Cross-attention keys and values of an encoder output, computed once for decoding.
+
+        Stored in the cache layout [B, K, S, H] (see `to_cache_layout`).
+        """
+        return {
+            "k_BKSH": to_cache_layout(self.key(src_BSD)),
+            "v_BKSH": to_cache_layout(self.value(src_BSD)),
+        }
 
     @property
     def scale(self) -> float | None:
@@ -150,7 +165,8 @@ class Attention(nnx.Module):
     def attend_cached(self, x_BTD, kv: dict, mask_BTS):
         """Cross-attention of T new tokens onto precomputed `project_kv` keys and values."""
         q_BTNH = self.query(x_BTD)
-        return self.out(grouped_attention(q_BTNH, kv["k"], kv["v"], mask_BTS, scale=self.scale))
+        o_BTNH = grouped_attention(q_BTNH, kv["k_BKSH"], kv["v_BKSH"], mask_BTS, scale=self.scale)
+        return self.out(o_BTNH)
 
     def decode(self, x_BTD, cache: dict, index_B, bias_BNTS=None):
         """Causal self-attention of T new tokens against a KV cache; returns (out, cache).
@@ -158,8 +174,9 @@ class Attention(nnx.Module):
         Row b's new tokens sit at positions index_B[b] + [0, T): their keys and values are
         written there, and each attends to every cached key at or before its own position.
         Keys past that (stale or padding) are masked, so rows may have different lengths.
+        The cache is [B, K, S, H] (`CACHE_AXES`), the layout the attention einsums read.
         """
-        t, s = x_BTD.shape[1], cache["k"].shape[1]
+        t, s = x_BTD.shape[1], cache["k_BKSH"].shape[2]
         positions_BT = index_B[:, None] + jnp.arange(t, dtype=jnp.int32)
         q_BTNH = self.query(x_BTD)
         k_BTKH = self.key(x_BTD)
@@ -167,17 +184,16 @@ class Attention(nnx.Module):
         if self.cfg.positions == "rope":
             q_BTNH = rope(q_BTNH, positions_BT, self.cfg.rope_theta)
             k_BTKH = rope(k_BTKH, positions_BT, self.cfg.rope_theta)
-        write = jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis=0))
-        cache = {
-            "k": write(cache["k"], k_BTKH.astype(cache["k"].dtype), index_B),
-            "v": write(cache["v"], v_BTKH.astype(cache["v"].dtype), index_B),
-        }
+        # Per row, the T new [K, T, H] slices go in along S (axis 1 of a row's [K, S, H]).
+        write = jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis=1))
+        k_BKSH = write(cache["k_BKSH"], to_cache_layout(k_BTKH, cache["k_BKSH"].dtype), index_B)
+        v_BKSH = write(cache["v_BKSH"], to_cache_layout(v_BTKH, cache["v_BKSH"].dtype), index_B)
+        k_BKSH = sharding.constrain(k_BKSH, CACHE_AXES)
+        v_BKSH = sharding.constrain(v_BKSH, CACHE_AXES)
         mask_BTS = jnp.arange(s)[None, None, :] <= positions_BT[:, :, None]
-        k_BSKH = sharding.constrain(cache["k"], ("batch", "length", "kv_heads", "kv"))
-        v_BSKH = sharding.constrain(cache["v"], ("batch", "length", "kv_heads", "kv"))
-        o_BTNH = grouped_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, scale=self.scale)
+        o_BTNH = grouped_attention(q_BTNH, k_BKSH, v_BKSH, mask_BTS, bias_BNTS, scale=self.scale)
         out_BTD = self.out(o_BTNH)
-        return out_BTD, cache
+        return out_BTD, {"k_BKSH": k_BKSH, "v_BKSH": v_BKSH}
 
     def _attend(self, q_BTNH, k_BSKH, v_BSKH, mask_B1TS, causal: bool, bias_BNTS):
         q_BTNH = sharding.constrain(q_BTNH, ("batch", "length", "heads", "kv"))
@@ -196,23 +212,25 @@ class Attention(nnx.Module):
         return self.out(o_BTNH)
 
 
-def grouped_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS=None, *, scale=None):
+def grouped_attention(q_BTNH, k_BKSH, v_BKSH, mask_BTS, bias_BNTS=None, *, scale=None):
     """Softmax attention with query heads grouped onto their K/V head (G = N / K per group).
 
     Used for decoding: the cache is read once per step, never repeated per query head, which
-    is what bounds a memory-bound decode step. Scores and softmax in fp32. `mask_BTS` may
-    broadcast ([B, 1, S] for cross-attention padding). `scale` None is 1/sqrt(H).
+    is what bounds a memory-bound decode step. Keys and values come in the cache layout
+    [B, K, S, H], so both einsums contract without copying the cache into another layout.
+    Scores and softmax in fp32. `mask_BTS` may broadcast ([B, 1, S] for cross-attention
+    padding). `scale` None is 1/sqrt(H).
     """
     b, t, n, h = q_BTNH.shape
-    k = k_BSKH.shape[2]
+    k = k_BKSH.shape[1]
     q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h)
-    scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH).astype(jnp.float32)
+    scores_BKGTS = jnp.einsum("btkgh,bksh->bkgts", q_BTKGH, k_BKSH).astype(jnp.float32)
     scores_BKGTS = scores_BKGTS / jnp.sqrt(h) if scale is None else scores_BKGTS * scale
     if bias_BNTS is not None:
         scores_BKGTS = scores_BKGTS + bias_BNTS.reshape(-1, k, n // k, *bias_BNTS.shape[2:])
     scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, -1e30)
-    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKH.dtype)
-    o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BKSH.dtype)
+    o_BTKGH = jnp.einsum("bkgts,bksh->btkgh", probs_BKGTS, v_BKSH)
     return o_BTKGH.reshape(b, t, n, h)
 
 

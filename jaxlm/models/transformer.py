@@ -325,9 +325,9 @@ class Stack(nnx.Module):
     def init_cache(self, batch: int, length: int) -> list[dict]:
         """An empty KV cache per block for `batch` rows of up to `length` tokens."""
         cfg = self.cfg
-        shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+        shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)  # attention.CACHE_AXES
         zeros = lambda: jnp.zeros(shape, dtype_of(cfg.dtype))
-        return [{"k": zeros(), "v": zeros()} for _ in self.blocks]
+        return [{"k_BKSH": zeros(), "v_BKSH": zeros()} for _ in self.blocks]
 
     def run_cached(self, x_BTD, cache: list[dict], index_B, *, memory=None):
         """`run` for embeddings of tokens at positions index_B[b] + [0, T), with a KV cache.
@@ -339,7 +339,7 @@ class Stack(nnx.Module):
         x_BTD = self._add_positions(x_BTD, positions_BT, None)
         bias_BNTS = None
         if self.cfg.positions == "relative":
-            s = cache[0]["k"].shape[1]
+            s = cache[0]["k_BKSH"].shape[2]
             keys_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
             bias_BNTS = self.relative_bias(positions_BT, keys_BS)
         new_cache = []
