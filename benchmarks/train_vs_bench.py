@@ -73,12 +73,13 @@ def main() -> None:
     p.add_argument("--keep_eval", action="store_true", help="keep eval and checkpoint intervals")
     # Anything else (--config.KEY=VALUE) goes to both programs.
     args, overrides = p.parse_known_args()
-    bench, train, wall = [], [], []
+    bench, train, wall, windows = [], [], [], []
     for _ in range(args.rounds):
         step_ms, tokens_per_step = bench_step(args.config, args.steps, overrides)
         bench.append(step_ms)
         tok_s, s = train_step(args.config, args.steps, args.log_every, args.keep_eval, overrides)
         train.append(1e3 * tokens_per_step / statistics.median(tok_s))
+        windows.append([round(1e3 * tokens_per_step / x, 1) for x in tok_s])
         wall.append(s)
     b, t = statistics.median(bench), statistics.median(train)
     row = {
@@ -91,6 +92,7 @@ def main() -> None:
         "ratio": round(t / b, 4),  # train over bench: 1.10 is the limit
         "bench_rounds_ms": [round(x, 2) for x in bench],
         "train_rounds_ms": [round(x, 2) for x in train],
+        "train_window_ms": windows,  # each log window's step time, per round
         "train_wall_s": [round(x, 1) for x in wall],
         "loadavg": [round(x, 2) for x in os.getloadavg()],
     }
