@@ -8,7 +8,8 @@ from conftest import tiny_config
 from flax import nnx
 
 from jaxlm import config as config_lib
-from jaxlm.models.attention import attention_reference
+from jaxlm.models.attention import attention_reference, softmax_attention
+from jaxlm.models.layers import tied_logits
 from jaxlm.models.transformer import TransformerLM
 
 
@@ -70,6 +71,44 @@ def test_attention_kernel_matches_reference_with_gqa():
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="xla")
     ref = attention_reference(q, k, v, mask, causal=True)
     np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "heads,kv_heads,causal,masked,scale",
+    [
+        (4, 4, True, False, None),
+        (4, 2, True, True, None),
+        (6, 3, False, True, 0.3),
+        (4, 1, False, False, None),
+    ],
+)
+def test_softmax_attention_values_and_grads_match_reference(heads, kv_heads, causal, masked, scale):
+    rng = np.random.default_rng(3)
+    q = jnp.asarray(rng.normal(size=(2, 8, heads, 16)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(2, 8, kv_heads, 16)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(2, 8, kv_heads, 16)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+    mask = None
+    if masked:  # two documents and padding in row 0: padding queries see no key at all
+        seg = jnp.asarray([[1, 1, 1, 2, 2, 2, 0, 0], [1] * 8])
+        mask = ((seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0))[:, None]
+
+    def loss(attend):
+        return lambda q, k, v: jnp.sum(attend(q, k, v) * w)
+
+    ours = loss(lambda q, k, v: softmax_attention(q, k, v, mask, causal=causal, scale=scale))
+    ref = loss(lambda q, k, v: attention_reference(q, k, v, mask, causal=causal, scale=scale))
+    xla = loss(
+        lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=causal, scale=scale, implementation="xla"
+        )
+    )
+    got = jax.value_and_grad(ours, argnums=(0, 1, 2))(q, k, v)
+    for other in (ref, xla):
+        want = jax.value_and_grad(other, argnums=(0, 1, 2))(q, k, v)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+        for g, gw in zip(got[1], want[1], strict=True):
+            np.testing.assert_allclose(g, gw, atol=2e-5)
 
 
 @pytest.mark.parametrize(
@@ -140,3 +179,17 @@ def test_mlp_kinds_match_their_formulas(kind, expected):
     gate = x @ mlp.gate.kernel[...] if hasattr(mlp, "gate") else None
     want = expected(gate, up) @ mlp.down.kernel[...]
     np.testing.assert_allclose(mlp(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_tied_logits_gradients_match_plain_einsum():
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32)
+    table = jnp.asarray(rng.normal(size=(11, 8)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(2, 5, 11)), jnp.float32)
+    got = jax.grad(lambda x, t: jnp.sum(tied_logits(x, t) * w), argnums=(0, 1))(x, table)
+    plain = lambda x, t: jnp.sum(jnp.einsum("btd,vd->btv", x, t) * w)  # noqa: E731
+    want = jax.grad(plain, argnums=(0, 1))(x, table)
+    np.testing.assert_allclose(tied_logits(x, table), jnp.einsum("btd,vd->btv", x, table))
+    for g, gw in zip(got, want, strict=True):
+        assert g.shape == gw.shape
+        np.testing.assert_allclose(g, gw, atol=1e-5)

@@ -9,6 +9,7 @@ encoder, decoder and encoder-decoder models all build on it.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -199,6 +200,11 @@ class Attention(nnx.Module):
         q_BTNH = sharding.constrain(q_BTNH, ("batch", "length", "heads", "kv"))
         k_BSKH = sharding.constrain(k_BSKH, ("batch", "length", "kv_heads", "kv"))
         v_BSKH = sharding.constrain(v_BSKH, ("batch", "length", "kv_heads", "kv"))
+        if self.cfg.attention_impl == "xla" and bias_BNTS is None:
+            o_BTNH = softmax_attention(
+                q_BTNH, k_BSKH, v_BSKH, mask_B1TS, causal=causal, scale=self.scale
+            )
+            return self.out(o_BTNH)
         o_BTNH = jax.nn.dot_product_attention(
             q_BTNH,
             k_BSKH,
@@ -210,6 +216,104 @@ class Attention(nnx.Module):
             implementation=self.cfg.attention_impl,
         )
         return self.out(o_BTNH)
+
+
+def _allowed_1TS(mask_B1TS, causal: bool, t: int, s: int):
+    """The combined boolean mask (None: every key allowed), broadcastable to [B, 1, T, S]."""
+    allowed = mask_B1TS
+    if causal:
+        tril_11TS = jnp.tril(jnp.ones((t, s), bool))[None, None]
+        allowed = tril_11TS if allowed is None else allowed & tril_11TS
+    return allowed
+
+
+def _masked_logits(q_BTKGH, k_BSKH, allowed, scale: float):
+    """fp32 scores [B, K, G, T, S], masked keys set to jax's large negative (softmax -> 0)."""
+    logits_BKGTS = jnp.einsum(
+        "btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32
+    )
+    logits_BKGTS = logits_BKGTS * jnp.float32(scale)
+    if allowed is not None:
+        # Same constant as jax.nn.dot_product_attention: a row with no allowed key is uniform.
+        big_neg = jnp.float32(-0.7 * float(jnp.finfo(jnp.float32).max))
+        logits_BKGTS = jnp.where(allowed[:, :, None], logits_BKGTS, big_neg)
+    return logits_BKGTS
+
+
+def _grouped(q_BTNH, k_BSKH):
+    b, t, n, h = q_BTNH.shape
+    return q_BTNH.reshape(b, t, k_BSKH.shape[2], n // k_BSKH.shape[2], h)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _softmax_attention(q_BTNH, k_BSKH, v_BSKH, allowed, scale):
+    return _softmax_attention_fwd(q_BTNH, k_BSKH, v_BSKH, allowed, scale)[0]
+
+
+def _softmax_attention_fwd(q_BTNH, k_BSKH, v_BSKH, allowed, scale):
+    q_BTKGH = _grouped(q_BTNH, k_BSKH)
+    logits_BKGTS = _masked_logits(q_BTKGH, k_BSKH, allowed, scale)
+    max_BKGT1 = jax.lax.stop_gradient(logits_BKGTS.max(axis=-1, keepdims=True))
+    unnorm_BKGTS = jnp.exp(logits_BKGTS - max_BKGT1)
+    sum_BKGT1 = unnorm_BKGTS.sum(axis=-1, keepdims=True)
+    probs_BKGTS = (unnorm_BKGTS / sum_BKGT1).astype(v_BSKH.dtype)
+    o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
+    o_BTNH = o_BTKGH.reshape(q_BTNH.shape)
+    # logsumexp kept as (max, log sum): max + log(sum) would round away log(sum) in a row with
+    # no allowed key (max is the large negative), whose probabilities are 1/S, not 1.
+    return o_BTNH, (q_BTNH, k_BSKH, v_BSKH, allowed, o_BTNH, max_BKGT1, jnp.log(sum_BKGT1))
+
+
+def _softmax_attention_bwd(scale, res, do_BTNH):
+    q_BTNH, k_BSKH, v_BSKH, allowed, o_BTNH, max_BKGT1, logsum_BKGT1 = res
+    q_BTKGH = _grouped(q_BTNH, k_BSKH)
+    do_BTKGH = _grouped(do_BTNH, k_BSKH)
+    # Probabilities recomputed from the saved logsumexp instead of stored [B, N, T, S] tensors.
+    logits_BKGTS = _masked_logits(q_BTKGH, k_BSKH, allowed, scale)
+    probs_BKGTS = jnp.exp(logits_BKGTS - max_BKGT1 - logsum_BKGT1)
+    dv_BSKH = jnp.einsum("bkgts,btkgh->bskh", probs_BKGTS.astype(v_BSKH.dtype), do_BTKGH)
+    dprobs_BKGTS = jnp.einsum(
+        "btkgh,bskh->bkgts", do_BTKGH, v_BSKH, preferred_element_type=jnp.float32
+    )
+    # Softmax backward: dS = P * (dP - rowsum(dP * P)), and rowsum(dP * P) = rowsum(dO * O).
+    rowsum_BTKG = jnp.sum(
+        do_BTNH.astype(jnp.float32) * o_BTNH.astype(jnp.float32), axis=-1
+    ).reshape(q_BTKGH.shape[:-1])
+    rowsum_BKGT1 = jnp.transpose(rowsum_BTKG, (0, 2, 3, 1))[..., None]
+    dlogits_BKGTS = probs_BKGTS * (dprobs_BKGTS - rowsum_BKGT1)
+    if allowed is not None:  # masked logits are constants: no gradient (rows with no key)
+        dlogits_BKGTS = jnp.where(allowed[:, :, None], dlogits_BKGTS, 0.0)
+    dlogits_BKGTS = (dlogits_BKGTS * jnp.float32(scale)).astype(q_BTNH.dtype)
+    dq_BTKGH = jnp.einsum("bkgts,bskh->btkgh", dlogits_BKGTS, k_BSKH)
+    dk_BSKH = jnp.einsum("bkgts,btkgh->bskh", dlogits_BKGTS, q_BTKGH)
+    return (
+        dq_BTKGH.reshape(q_BTNH.shape).astype(q_BTNH.dtype),
+        dk_BSKH.astype(k_BSKH.dtype),
+        dv_BSKH.astype(v_BSKH.dtype),
+        None,
+    )
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
+
+
+def softmax_attention(
+    q_BTNH, k_BSKH, v_BSKH, mask_B1TS=None, *, causal: bool = False, scale: float | None = None
+):
+    """Softmax attention (GQA: K divides N) with a flash-style backward pass.
+
+    Same values as `jax.nn.dot_product_attention(..., implementation="xla")` without bias; the
+    backward recomputes probabilities from the saved logsumexp and uses
+    dS = P * (dP - rowsum(dO * O)), which skips the [B, N, T, S] softmax residuals and the
+    transposes XLA's autodiff of softmax makes. `mask_B1TS` broadcasts to [B, 1, T, S];
+    `scale` None is 1/sqrt(H).
+    """
+    t, s = q_BTNH.shape[1], k_BSKH.shape[1]
+    allowed = _allowed_1TS(mask_B1TS, causal, t, s)
+    if allowed is not None:
+        allowed = jnp.broadcast_to(allowed, (allowed.shape[0], 1, t, s))
+    scale = 1.0 / math.sqrt(q_BTNH.shape[-1]) if scale is None else float(scale)
+    return _softmax_attention(q_BTNH, k_BSKH, v_BSKH, allowed, scale)
 
 
 def grouped_attention(q_BTNH, k_BKSH, v_BKSH, mask_BTS, bias_BNTS=None, *, scale=None):
