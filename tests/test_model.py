@@ -9,7 +9,6 @@ from flax import nnx
 
 from jaxlm import config as config_lib
 from jaxlm.models.attention import attention_reference, softmax_attention
-from jaxlm.models.layers import tied_logits
 from jaxlm.models.transformer import TransformerLM
 
 
@@ -179,17 +178,3 @@ def test_mlp_kinds_match_their_formulas(kind, expected):
     gate = x @ mlp.gate.kernel[...] if hasattr(mlp, "gate") else None
     want = expected(gate, up) @ mlp.down.kernel[...]
     np.testing.assert_allclose(mlp(x), want, rtol=1e-5, atol=1e-6)
-
-
-def test_tied_logits_gradients_match_plain_einsum():
-    rng = np.random.default_rng(4)
-    x = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32)
-    table = jnp.asarray(rng.normal(size=(11, 8)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(2, 5, 11)), jnp.float32)
-    got = jax.grad(lambda x, t: jnp.sum(tied_logits(x, t) * w), argnums=(0, 1))(x, table)
-    plain = lambda x, t: jnp.sum(jnp.einsum("btd,vd->btv", x, t) * w)  # noqa: E731
-    want = jax.grad(plain, argnums=(0, 1))(x, table)
-    np.testing.assert_allclose(tied_logits(x, table), jnp.einsum("btd,vd->btv", x, table))
-    for g, gw in zip(got, want, strict=True):
-        assert g.shape == gw.shape
-        np.testing.assert_allclose(g, gw, atol=1e-5)

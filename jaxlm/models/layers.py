@@ -131,29 +131,7 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], ids_BT, axis=0).astype(self.dtype)
 
     def attend(self, x_BTD):
-        return tied_logits(x_BTD, self.embedding[...].astype(self.dtype))
-
-
-@jax.custom_vjp
-def tied_logits(x_BTD, table_VD):
-    """x @ table.T, the tied output projection, with the table's gradient built as [D, V]."""
-    return jnp.einsum("btd,vd->btv", x_BTD, table_VD)
-
-
-def _tied_logits_fwd(x_BTD, table_VD):
-    return tied_logits(x_BTD, table_VD), (x_BTD, table_VD)
-
-
-def _tied_logits_bwd(res, dlogits_BTV):
-    x_BTD, table_VD = res
-    dx_BTD = jnp.einsum("btv,vd->btd", dlogits_BTV, table_VD)
-    # x^T @ dlogits then a transpose of the small [D, V] result: autodiff's "btv,btd->vd"
-    # made XLA:CPU transpose the whole [B*T, V] logits gradient first (57 ms of a pylm_tiny step).
-    dtable_DV = jnp.einsum("btd,btv->dv", x_BTD, dlogits_BTV)
-    return dx_BTD, dtable_DV.T
-
-
-tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
+        return jnp.einsum("btd,vd->btv", x_BTD, self.embedding[...].astype(self.dtype))
 
 
 class RMSNorm(nnx.Module):
