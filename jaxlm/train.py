@@ -226,6 +226,7 @@ class TrainStep:
 def make_train_step(s: Setup) -> TrainStep:
     """jit(train_step) with explicit in/out shardings and the state donated."""
     graphdef, tx, n_micro = s.graphdef, s.tx, s.config.optim.grad_accum_steps
+    schedule = s.schedule
     base_key = jax.random.fold_in(jax.random.key(s.config.train.seed), 2)
     loss_sums = s.objective.loss_sums
     inputs, input_shardings = {}, {}
@@ -281,6 +282,8 @@ def make_train_step(s: Setup) -> TrainStep:
             "loss": sums["nll"] / tokens,
             "grad_norm": optax.global_norm(finetune.trained_only(grads, s.frozen)),  # as clipped
             "tokens": tokens,
+            # In the step: evaluated on the host, the schedule is a few eager dispatches a log.
+            "lr": schedule(state["step"]),
         }
         return new_state, metrics
 
@@ -448,7 +451,7 @@ class _Loop:
         record = {
             "train/loss": loss,
             "train/grad_norm": gnorm,
-            "train/lr": float(self.s.schedule(step - 1)),
+            "train/lr": float(m["lr"]),
             "tokens_per_sec": tok_s,
         }
         if self.peak_flops:
