@@ -80,10 +80,8 @@ class MetricsWriter:
 
     def _open_tensorboard(self, purge_step: int | None = None):
         if self._tb is None:
-            from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
-
             try:
-                self._tb = SummaryWriter(str(self._tb_dir), purge_step=purge_step)
+                self._tb = _summary_writer()(str(self._tb_dir), purge_step=purge_step)
             except OSError as e:
                 raise _write_error(self._tb_dir, e) from None
         return self._tb
@@ -91,6 +89,25 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _summary_writer():
+    """tensorboardX's SummaryWriter, imported on first use (only process 0 writes events).
+
+    tensorboardX imports torch whenever it is installed, only to accept torch tensors as
+    values: 2-4 s of every training start on a machine with torch. jaxlm writes floats, so torch
+    is hidden from that import (a later `import torch` in the process works as usual).
+    """
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX allows
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 def _append_whole(path: Path, data: bytes) -> None:

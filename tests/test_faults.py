@@ -11,6 +11,8 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -308,6 +310,27 @@ def tensorboard_purges(directory):
             if event.HasField("session_log") and event.session_log.status == 1:
                 steps.append(event.step)
     return steps
+
+
+def test_tensorboard_writes_without_importing_torch(tmp_path):
+    """tensorboardX imports torch when it can (seconds per training start); the writer keeps it
+    out, and `import torch` still works afterwards in the same process."""
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from jaxlm import monitor
+        writer = monitor.MetricsWriter({str(tmp_path)!r})
+        writer.write(1, {{"train/loss": 2.5}})
+        writer.close()
+        print("torch" in sys.modules)
+        import torch
+        print(torch.ones(2).sum().item())
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "2.0"]
+    assert len(list((tmp_path / "tensorboard").glob("events.*"))) == 1
 
 
 def test_resume_drops_metrics_past_the_checkpoint(tmp_path):
