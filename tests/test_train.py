@@ -229,3 +229,43 @@ def test_checkpoint_of_the_old_single_state_layout_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="written by jaxlm before 2026-11-23"):
         ckpt.restore_params(1, {"w": jax.ShapeDtypeStruct((2,), jnp.float32)})
     ckpt.close()
+
+
+def test_a_single_process_save_compiles_nothing(tmp_path):
+    """Arrays replicated over the 8 devices are written whole: Orbax's replica-parallel save
+    would compile a jit(slice) per array shape and replica slice (56 in a small seq2seq run)."""
+    import jax.numpy as jnp
+    from jax import monitoring
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from jaxlm.checkpoint import Checkpointer
+
+    mesh = jax.make_mesh((8,), ("data",))
+    replicated = NamedSharding(mesh, P())
+    state = {
+        "params": {f"w{n}": jax.device_put(jnp.arange(n * 8.0), replicated) for n in (3, 5, 7)},
+        "step": jax.device_put(jnp.int32(4), replicated),
+    }
+    jax.block_until_ready(state)
+    compiles = []
+
+    def listen(event: str, secs: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(kwargs.get("fun_name"))
+
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        ckpt = Checkpointer(tmp_path, async_save=False)
+        ckpt.save(4, state, {"step": 4})
+        ckpt.wait()
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
+    assert compiles == []
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state
+    )
+    restored = ckpt.restore(4, abstract)
+    ckpt.close()
+    for name, value in state["params"].items():
+        np.testing.assert_array_equal(restored["params"][name], value)
