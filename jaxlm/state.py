@@ -147,7 +147,6 @@ class OpenedRun:
     params: dict
     model: ModelState
     step: int
-    meta: dict
 
 
 def open_run(
@@ -185,4 +184,4 @@ def open_run(
     finally:
         ckpt.close()
     params, model = model.transformed(params, names)
-    return OpenedRun(params, model, step, meta)
+    return OpenedRun(params, model, step)
