@@ -12,9 +12,14 @@ same load from other processes; each figure is the median over rounds of the per
 Prints one JSON line per size: median step times, `train_speedup` (torch ms / jaxlm ms, > 1 when
 jaxlm is faster) with its spread over rounds, and per decode batch size the tokens/s of jaxlm's
 compiled loop and of `transformers.generate` (prefill included in both), their ratio, and
-whether the greedy tokens are identical. Threads: torch uses one intra-op thread per core
-(the cores this process may use, `--cores` pins it to fewer); XLA's CPU client sizes its pool
-to the same cores.
+whether the greedy tokens are identical. Decoding reads every weight once per new token, so its
+tokens/s is bounded by memory bandwidth / weight bytes x batch: the row gives that bound
+(`memory_bound_tokens_per_sec`) from a bandwidth measured in the same run (`memory_gb_per_s`:
+a jitted matrix-vector product over `--bandwidth_mb` of fp32), and the bound over torch's
+tokens/s (`memory_bound_speedup`): no decode loop can beat torch by more.
+
+Threads: torch uses one intra-op thread per core (the cores this process may use, `--cores` pins
+it to fewer); XLA's CPU client sizes its pool to the same cores.
 
 This script lives outside the jaxlm package: jaxlm never imports torch.
 """
@@ -138,8 +143,27 @@ def compare_train(cfg, s, state, tmodel, rounds: int, per_chunk: int) -> dict:
     }
 
 
-def compare_decode(cfg, s, params, tmodel, batch: int, prompt_len: int, new_tokens: int, rounds):
-    """Greedy generation of `new_tokens` after random prompts: tokens/s of each, same tokens?"""
+def memory_bandwidth(mbytes: int, reps: int = 5) -> float:
+    """Bytes/s that a jitted matrix-vector product streams from memory (best of `reps`): the
+    most that decoding, which reads every weight once per step, can draw."""
+    cols = 1024
+    w = jax.numpy.ones(((mbytes << 20) // (4 * cols), cols), "float32")
+    v = jax.numpy.ones((cols,), "float32")
+    matvec = jax.jit(jax.numpy.dot)
+    jax.block_until_ready(matvec(w, v))
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(matvec(w, v))
+        best = min(best, time.perf_counter() - t0)
+    return w.nbytes / best
+
+
+def compare_decode(
+    cfg, s, params, tmodel, batch: int, prompt_len: int, new_tokens: int, rounds, bandwidth: float
+):
+    """Greedy generation of `new_tokens` after random prompts: tokens/s of each, same tokens?
+    And the memory-bound ceiling of any decode loop on this host at `bandwidth` bytes/s."""
     gen = make_generate(s.graphdef, SamplingSettings(max_new_tokens=new_tokens, temperature=0.0))
     rng = np.random.default_rng(batch)
     prompts = rng.integers(0, cfg.model.vocab_size, (batch, prompt_len), dtype=np.int32)
@@ -174,11 +198,16 @@ def compare_decode(cfg, s, params, tmodel, batch: int, prompt_len: int, new_toke
     same = jax_tokens.shape == torch_tokens.shape and bool((jax_tokens == torch_tokens).all())
     jt = batch * new_tokens / statistics.median(jax_s)
     tt = batch * new_tokens / statistics.median(torch_s)
+    # Each step reads every fp32 weight once (the tied embedding once, as the head), whatever
+    # the batch; the KV cache and activations come on top, so this is an upper bound.
+    ceiling = batch * bandwidth / (4 * s.model_cfg.num_params())
     return {
         "batch": batch,
         "jaxlm_tokens_per_sec": round(jt, 1),
         "torch_tokens_per_sec": round(tt, 1),
         "decode_speedup": round(jt / tt, 3),
+        "memory_bound_tokens_per_sec": round(ceiling, 1),
+        "memory_bound_speedup": round(ceiling / tt, 3),
         "greedy_identical": same,
         "matching_tokens": float(np.mean(jax_tokens == torch_tokens)) if not same else 1.0,
     }
@@ -204,12 +233,15 @@ def run_size(size: str, args) -> dict:
         # Fresh copies of the initial weights (the train steps above changed both models).
         tmodel = torch_model(s.model_cfg, params)
         jparams = jax.device_put(params, s.model.shardings)
+        bandwidth = memory_bandwidth(args.bandwidth_mb)
+        row["memory_gb_per_s"] = round(bandwidth / 1e9, 2)
         row["decode"] = [
             compare_decode(
-                cfg, s, jparams, tmodel, int(b), args.prompt_len, args.new_tokens, args.rounds
+                cfg, s, jparams, tmodel, int(b), args.prompt_len, args.new_tokens, args.rounds,
+                bandwidth,
             )
             for b in args.decode_batches.split(",")
-        ]
+        ]  # fmt: skip
     row.update(
         {
             "threads": {
@@ -244,6 +276,9 @@ def main(argv=None) -> None:
     p.add_argument("--decode_batches", default="1,32", help="empty: no decoding")
     p.add_argument("--prompt_len", type=int, default=16)
     p.add_argument("--new_tokens", type=int, default=128)
+    p.add_argument(
+        "--bandwidth_mb", type=int, default=512, help="fp32 MiB the bandwidth probe streams"
+    )
     p.add_argument("--cores", type=int, default=0, help="pin to this many cores; 0: all allowed")
     args = p.parse_args(argv)
     if args.cores:

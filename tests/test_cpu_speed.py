@@ -27,6 +27,7 @@ def test_compare_torch_tiny_same_losses_and_greedy_tokens():
     cmd = [
         sys.executable, "benchmarks/compare_torch.py", "--sizes", "tiny", "--rounds", "1",
         "--steps", "2", "--decode_batches", "2", "--prompt_len", "4", "--new_tokens", "8",
+        "--bandwidth_mb", "8",
     ]  # fmt: skip
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -47,6 +48,12 @@ def test_compare_torch_tiny_same_losses_and_greedy_tokens():
         assert d["jaxlm_tokens_per_sec"] > 0 and d["torch_tokens_per_sec"] > 0
         ratio = d["jaxlm_tokens_per_sec"] / d["torch_tokens_per_sec"]
         assert abs(d["decode_speedup"] - ratio) < 0.01 * ratio + 0.001
+        # The memory-bound ceiling: batch x bandwidth / fp32 weight bytes, over torch's rate.
+        want = d["batch"] * r["memory_gb_per_s"] * 1e9 / (4 * r["params"])
+        assert abs(d["memory_bound_tokens_per_sec"] - want) < 0.01 * want + 0.1, (d, want)
+        ceiling_ratio = d["memory_bound_tokens_per_sec"] / d["torch_tokens_per_sec"]
+        assert abs(d["memory_bound_speedup"] - ceiling_ratio) < 0.01 * ceiling_ratio + 0.001
+    assert r["memory_gb_per_s"] > 0
     assert r["threads"]["torch"] == r["threads"]["xla_cores"]
     assert set(r["versions"]) == {"jax", "torch", "transformers"}
 
