@@ -79,8 +79,9 @@ def _client():
     return jax_distributed.global_state.client
 
 
-def _publish(place: str) -> None:
-    record = json.dumps({"place": place, "time": time.time()})
+def _publish(place: tuple[str, float]) -> None:
+    text, since = place
+    record = json.dumps({"place": text, "time": since})
     _client().key_value_set(f"{_WHERE}{jax.process_index()}", record, allow_overwrite=True)
 
 
@@ -111,6 +112,72 @@ def _hang(where: str, timeout_s: float) -> None:
     os._exit(HANG_EXIT_CODE)  # the main thread is blocked inside a collective: no unwinding
 
 
+class Watch:
+    """One daemon thread that watches the blocks of `deadline` and publishes this process's place.
+
+    Entering and leaving a block only records the place and the expiry under a lock: each eval
+    batch of a multi-process run passes through a block, and a key-value store round trip plus a
+    timer thread per block cost more than a small eval step. The thread publishes the place when
+    it changed, at most every `publish_every` seconds (a hang report comes after seconds, and
+    gives each place's own time), and calls on_timeout(where, timeout_s) once when a block
+    outlives its deadline, after publishing the place that block is in.
+    """
+
+    def __init__(self, publish=_publish, publish_every: float = 0.5):
+        self._publish, self._every = publish, publish_every
+        self._cond = threading.Condition()
+        self._place: tuple[str, float] | None = None  # (text, time.time() when it was entered)
+        self._expiry: tuple | None = None  # (monotonic time, where, timeout_s, on_timeout)
+        self._published: tuple[str, float] | None = None
+        threading.Thread(target=self._run, name="jaxlm-deadline", daemon=True).start()
+
+    def enter(self, where: str, timeout_s: float, on_timeout) -> tuple | None:
+        """Watch a block from now; returns the enclosing block's expiry, for `leave`."""
+        with self._cond:
+            outer = self._expiry
+            self._place = (f"in {where}", time.time())
+            self._expiry = (time.monotonic() + timeout_s, where, timeout_s, on_timeout)
+            if timeout_s < self._every:  # otherwise the thread's next look is soon enough
+                self._cond.notify()
+            return outer
+
+    def leave(self, where: str, outer: tuple | None) -> None:
+        with self._cond:
+            self._place = (f"after {where}", time.time())
+            self._expiry = outer
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                expiry = self._expiry
+                wait = (
+                    self._every
+                    if expiry is None
+                    else min(self._every, expiry[0] - time.monotonic())
+                )
+                if wait > 0:
+                    self._cond.wait(wait)
+                place, expiry = self._place, self._expiry
+            if place is not None and place != self._published:
+                with contextlib.suppress(Exception):  # the coordinator may be gone at exit
+                    self._publish(place)
+                self._published = place
+            if expiry is not None and time.monotonic() >= expiry[0]:
+                with self._cond:
+                    if self._expiry is expiry:
+                        self._expiry = None  # fire once
+                expiry[3](expiry[1], expiry[2])
+
+
+_watch: list[Watch] = []  # the process's Watch, started by the first watched block
+
+
+def _the_watch() -> Watch:
+    if not _watch:
+        _watch.append(Watch())
+    return _watch[0]
+
+
 @contextlib.contextmanager
 def deadline(where: str, timeout_s: float, on_timeout=_hang):
     """Run the block; in a multi-process run, one lasting over `timeout_s` seconds calls
@@ -123,12 +190,9 @@ def deadline(where: str, timeout_s: float, on_timeout=_hang):
     if jax.process_count() == 1 or timeout_s <= 0:
         yield
         return
-    _publish(f"in {where}")
-    timer = threading.Timer(timeout_s, on_timeout, args=(where, timeout_s))
-    timer.daemon = True
-    timer.start()
+    watch = _the_watch()
+    outer = watch.enter(where, timeout_s, on_timeout)
     try:
         yield
     finally:
-        timer.cancel()
-    _publish(f"after {where}")
+        watch.leave(where, outer)

@@ -139,6 +139,32 @@ def test_hang_timeout_is_checked_and_one_process_is_unwatched():
     assert fired == []
 
 
+def test_watch_publishes_the_latest_place_and_fires_once():
+    """Watched blocks cost no key-value store round trip each: the watch thread publishes the
+    latest place now and then, and an overdue block's on_timeout fires once, after its place
+    is published."""
+    published, fired = [], []
+    watch = distributed.Watch(publish=published.append, publish_every=0.05)
+    for i in range(2000):
+        outer = watch.enter(f"eval batch {i + 1} of 2000", 60, lambda *a: fired.append(a))
+        watch.leave(f"eval batch {i + 1} of 2000", outer)
+    wait_until = time.time() + 10
+    while (not published or published[-1][0] != "after eval batch 2000 of 2000") and (
+        time.time() < wait_until
+    ):
+        time.sleep(0.01)
+    assert published[-1][0] == "after eval batch 2000 of 2000"
+    assert len(published) < 200, len(published)  # coalesced, not one per block
+    outer = watch.enter("the sums of 3 batches", 0.2, lambda *a: fired.append((*a, published[-1])))
+    while not fired and time.time() < wait_until:
+        time.sleep(0.01)
+    watch.leave("the sums of 3 batches", outer)
+    assert len(fired) == 1 and fired[0][:2] == ("the sums of 3 batches", 0.2), fired
+    assert fired[0][2][0] == "in the sums of 3 batches"
+    time.sleep(0.3)
+    assert len(fired) == 1
+
+
 def test_distributed_arguments_are_checked():
     with pytest.raises(ValueError, match="needs --num_processes and --process_id"):
         distributed.initialize("127.0.0.1:1234", environ={})
