@@ -15,8 +15,10 @@ compiled loop and of `transformers.generate` (prefill included in both), their r
 whether the greedy tokens are identical. Decoding reads every weight once per new token, so its
 tokens/s is bounded by memory bandwidth / weight bytes x batch: the row gives that bound
 (`memory_bound_tokens_per_sec`) from a bandwidth measured in the same run (`memory_gb_per_s`:
-a jitted matrix-vector product over `--bandwidth_mb` of fp32), and the bound over torch's
-tokens/s (`memory_bound_speedup`): no decode loop can beat torch by more.
+what a jitted matrix-vector product over `--bandwidth_mb` of fp32 draws) and the bytes a step
+reads (`decode_weight_bytes`), and the bound over torch's tokens/s (`memory_bound_speedup`): a
+decode loop that reads memory no faster than that product beats torch by at most this much (at
+small batches; larger ones are bound by compute first).
 
 Threads: torch uses one intra-op thread per core (the cores this process may use, `--cores` pins
 it to fewer); XLA's CPU client sizes its pool to the same cores.
@@ -159,6 +161,13 @@ def memory_bandwidth(mbytes: int, reps: int = 5) -> float:
     return w.nbytes / best
 
 
+def _decode_weight_bytes(model_cfg) -> int:
+    """fp32 bytes a decode step reads whatever the batch: every weight once (the tied embedding
+    once, as the head) but one row of the position table; the KV cache and activations come on
+    top, so batch x bandwidth / these bytes bounds tokens/s from above."""
+    return 4 * model_cfg.num_params(embeddings=False)
+
+
 def compare_decode(
     cfg, s, params, tmodel, batch: int, prompt_len: int, new_tokens: int, rounds, bandwidth: float
 ):
@@ -198,9 +207,7 @@ def compare_decode(
     same = jax_tokens.shape == torch_tokens.shape and bool((jax_tokens == torch_tokens).all())
     jt = batch * new_tokens / statistics.median(jax_s)
     tt = batch * new_tokens / statistics.median(torch_s)
-    # Each step reads every fp32 weight once (the tied embedding once, as the head), whatever
-    # the batch; the KV cache and activations come on top, so this is an upper bound.
-    ceiling = batch * bandwidth / (4 * s.model_cfg.num_params())
+    ceiling = batch * bandwidth / _decode_weight_bytes(s.model_cfg)
     return {
         "batch": batch,
         "jaxlm_tokens_per_sec": round(jt, 1),
@@ -234,7 +241,8 @@ def run_size(size: str, args) -> dict:
         tmodel = torch_model(s.model_cfg, params)
         jparams = jax.device_put(params, s.model.shardings)
         bandwidth = memory_bandwidth(args.bandwidth_mb)
-        row["memory_gb_per_s"] = round(bandwidth / 1e9, 2)
+        row["memory_gb_per_s"] = round(bandwidth / 1e9, 3)
+        row["decode_weight_bytes"] = _decode_weight_bytes(s.model_cfg)
         row["decode"] = [
             compare_decode(
                 cfg, s, jparams, tmodel, int(b), args.prompt_len, args.new_tokens, args.rounds,

@@ -11,6 +11,7 @@ each process is.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -112,70 +113,104 @@ def _hang(where: str, timeout_s: float) -> None:
     os._exit(HANG_EXIT_CODE)  # the main thread is blocked inside a collective: no unwinding
 
 
+class _Block:
+    """A watched block: its place, when it is due, and what to call then."""
+
+    def __init__(self, where: str, timeout_s: float, on_timeout):
+        self.where, self.timeout_s, self.on_timeout = where, timeout_s, on_timeout
+        self.due = time.monotonic() + timeout_s
+        self.fired = False
+
+
 class Watch:
     """One daemon thread that watches the blocks of `deadline` and publishes this process's place.
 
-    Entering and leaving a block only records the place and the expiry under a lock: each eval
+    Entering and leaving a block only records the place and the block under a lock: each eval
     batch of a multi-process run passes through a block, and a key-value store round trip plus a
     timer thread per block cost more than a small eval step. The thread publishes the place when
     it changed, at most every `publish_every` seconds (a hang report comes after seconds, and
-    gives each place's own time), and calls on_timeout(where, timeout_s) once when a block
-    outlives its deadline, after publishing the place that block is in.
+    gives each place's own time), and calls on_timeout(where, timeout_s) once for each block
+    still open at its deadline (nested blocks each keep their own), after publishing the place.
+    At exit it publishes the last place, so the others never see a finished process as inside a
+    block. For the main thread: blocks are a stack.
     """
 
     def __init__(self, publish=_publish, publish_every: float = 0.5):
         self._publish, self._every = publish, publish_every
         self._cond = threading.Condition()
         self._place: tuple[str, float] | None = None  # (text, time.time() when it was entered)
-        self._expiry: tuple | None = None  # (monotonic time, where, timeout_s, on_timeout)
+        self._blocks: list[_Block] = []  # open blocks, innermost last
         self._published: tuple[str, float] | None = None
+        self._last_publish = float("-inf")
+        self._stopped = False
         threading.Thread(target=self._run, name="jaxlm-deadline", daemon=True).start()
+        atexit.register(self.stop)  # before jax's own exit handler shuts the client down
 
-    def enter(self, where: str, timeout_s: float, on_timeout) -> tuple | None:
-        """Watch a block from now; returns the enclosing block's expiry, for `leave`."""
+    def enter(self, where: str, timeout_s: float, on_timeout) -> _Block:
         with self._cond:
-            outer = self._expiry
+            block = _Block(where, timeout_s, on_timeout)
+            self._blocks.append(block)
             self._place = (f"in {where}", time.time())
-            self._expiry = (time.monotonic() + timeout_s, where, timeout_s, on_timeout)
             if timeout_s < self._every:  # otherwise the thread's next look is soon enough
                 self._cond.notify()
-            return outer
+            return block
 
-    def leave(self, where: str, outer: tuple | None) -> None:
+    def leave(self, block: _Block) -> None:
         with self._cond:
-            self._place = (f"after {where}", time.time())
-            self._expiry = outer
+            self._blocks.remove(block)
+            self._place = (f"after {block.where}", time.time())
+
+    def stop(self) -> None:
+        """End the thread and publish the last place (at exit)."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._publish_place(force=True)
+
+    def _publish_place(self, force: bool = False) -> None:
+        place = self._place
+        if place is None or place == self._published:
+            return
+        if not force and time.monotonic() - self._last_publish < self._every:
+            return
+        self._last_publish = time.monotonic()
+        try:
+            self._publish(place)
+        except Exception:  # the coordinator may be gone at exit: the report is best effort
+            return
+        self._published = place
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                expiry = self._expiry
-                wait = (
-                    self._every
-                    if expiry is None
-                    else min(self._every, expiry[0] - time.monotonic())
-                )
-                if wait > 0:
+                pending = [b.due for b in self._blocks if not b.fired]
+                wait = min([self._every, *(due - time.monotonic() for due in pending)])
+                if wait > 0 and not self._stopped:
                     self._cond.wait(wait)
-                place, expiry = self._place, self._expiry
-            if place is not None and place != self._published:
-                with contextlib.suppress(Exception):  # the coordinator may be gone at exit
-                    self._publish(place)
-                self._published = place
-            if expiry is not None and time.monotonic() >= expiry[0]:
-                with self._cond:
-                    if self._expiry is expiry:
-                        self._expiry = None  # fire once
-                expiry[3](expiry[1], expiry[2])
+                if self._stopped:
+                    return
+                now = time.monotonic()
+                # Decided under the lock: a block that left in time is no longer in the list.
+                due = [b for b in self._blocks if not b.fired and b.due <= now]
+                for block in due:
+                    block.fired = True
+            self._publish_place(force=bool(due))  # the report reads this process's place too
+            for block in due:
+                try:
+                    block.on_timeout(block.where, block.timeout_s)
+                except Exception as e:  # the thread must keep watching the other blocks
+                    print(f"jaxlm: on_timeout for {block.where} failed: {e!r}", file=sys.stderr)
 
 
 _watch: list[Watch] = []  # the process's Watch, started by the first watched block
+_watch_lock = threading.Lock()
 
 
 def _the_watch() -> Watch:
-    if not _watch:
-        _watch.append(Watch())
-    return _watch[0]
+    with _watch_lock:
+        if not _watch:
+            _watch.append(Watch())
+        return _watch[0]
 
 
 @contextlib.contextmanager
@@ -191,8 +226,8 @@ def deadline(where: str, timeout_s: float, on_timeout=_hang):
         yield
         return
     watch = _the_watch()
-    outer = watch.enter(where, timeout_s, on_timeout)
+    block = watch.enter(where, timeout_s, on_timeout)
     try:
         yield
     finally:
-        watch.leave(where, outer)
+        watch.leave(block)

@@ -49,11 +49,13 @@ def test_compare_torch_tiny_same_losses_and_greedy_tokens():
         ratio = d["jaxlm_tokens_per_sec"] / d["torch_tokens_per_sec"]
         assert abs(d["decode_speedup"] - ratio) < 0.01 * ratio + 0.001
         # The memory-bound ceiling: batch x bandwidth / fp32 weight bytes, over torch's rate.
-        want = d["batch"] * r["memory_gb_per_s"] * 1e9 / (4 * r["params"])
+        want = d["batch"] * r["memory_gb_per_s"] * 1e9 / r["decode_weight_bytes"]
         assert abs(d["memory_bound_tokens_per_sec"] - want) < 0.01 * want + 0.1, (d, want)
         ceiling_ratio = d["memory_bound_tokens_per_sec"] / d["torch_tokens_per_sec"]
         assert abs(d["memory_bound_speedup"] - ceiling_ratio) < 0.01 * ceiling_ratio + 0.001
     assert r["memory_gb_per_s"] > 0
+    # Every weight but the position table (16 positions x d_model 32), 4 bytes each.
+    assert r["decode_weight_bytes"] == 4 * (r["params"] - 16 * 32)
     assert r["threads"]["torch"] == r["threads"]["xla_cores"]
     assert set(r["versions"]) == {"jax", "torch", "transformers"}
 

@@ -139,6 +139,12 @@ def test_hang_timeout_is_checked_and_one_process_is_unwatched():
     assert fired == []
 
 
+def _wait_for(condition, seconds: float = 10.0) -> None:
+    until = time.monotonic() + seconds
+    while not condition() and time.monotonic() < until:
+        time.sleep(0.01)
+
+
 def test_watch_publishes_the_latest_place_and_fires_once():
     """Watched blocks cost no key-value store round trip each: the watch thread publishes the
     latest place now and then, and an overdue block's on_timeout fires once, after its place
@@ -146,23 +152,49 @@ def test_watch_publishes_the_latest_place_and_fires_once():
     published, fired = [], []
     watch = distributed.Watch(publish=published.append, publish_every=0.05)
     for i in range(2000):
-        outer = watch.enter(f"eval batch {i + 1} of 2000", 60, lambda *a: fired.append(a))
-        watch.leave(f"eval batch {i + 1} of 2000", outer)
-    wait_until = time.time() + 10
-    while (not published or published[-1][0] != "after eval batch 2000 of 2000") and (
-        time.time() < wait_until
-    ):
-        time.sleep(0.01)
-    assert published[-1][0] == "after eval batch 2000 of 2000"
+        watch.leave(watch.enter(f"eval batch {i + 1} of 2000", 60, lambda *a: fired.append(a)))
+    _wait_for(lambda: published and published[-1][0] == "after eval batch 2000 of 2000")
+    assert published and published[-1][0] == "after eval batch 2000 of 2000", published[-3:]
     assert len(published) < 200, len(published)  # coalesced, not one per block
-    outer = watch.enter("the sums of 3 batches", 0.2, lambda *a: fired.append((*a, published[-1])))
-    while not fired and time.time() < wait_until:
-        time.sleep(0.01)
-    watch.leave("the sums of 3 batches", outer)
-    assert len(fired) == 1 and fired[0][:2] == ("the sums of 3 batches", 0.2), fired
-    assert fired[0][2][0] == "in the sums of 3 batches"
+    start = time.monotonic()
+    on_timeout = lambda *a: fired.append((*a, published[-1][0], time.monotonic() - start))
+    block = watch.enter("the sums of 3 batches", 0.2, on_timeout)
+    _wait_for(lambda: fired)
+    watch.leave(block)
+    assert len(fired) == 1 and fired[0][:3] == (
+        "the sums of 3 batches",
+        0.2,
+        "in the sums of 3 batches",
+    )
+    assert 0.2 <= fired[0][3] < 5.0, fired  # not before its deadline
     time.sleep(0.3)
     assert len(fired) == 1
+    assert watch.stop() is None and published[-1][0] == "after the sums of 3 batches"
+
+
+def test_watch_keeps_each_nested_deadline_and_survives_a_failing_callback():
+    fired = []
+    # publish_every far above the deadlines: entering a short block must wake the thread.
+    watch = distributed.Watch(publish=lambda place: None, publish_every=30.0)
+    outer = watch.enter("outer", 0.1, lambda *a: fired.append(a[0]))
+    inner = watch.enter("inner", 60, lambda *a: fired.append(a[0]))
+    _wait_for(lambda: fired)  # the outer deadline passes while the inner block is open
+    watch.leave(inner)
+    watch.leave(outer)
+    assert fired == ["outer"]
+
+    def fail(*args):
+        raise RuntimeError("report failed")
+
+    watch.leave(watch.enter("X", 0.05, lambda *a: fired.append(a[0])))  # left in time
+    block = watch.enter("Y", 0.05, fail)
+    time.sleep(0.3)
+    watch.leave(block)
+    block = watch.enter("Z", 0.05, lambda *a: fired.append(a[0]))
+    _wait_for(lambda: len(fired) == 2)
+    watch.leave(block)
+    assert fired == ["outer", "Z"]  # X never fires; Z does after a callback raised
+    watch.stop()
 
 
 def test_distributed_arguments_are_checked():
