@@ -169,10 +169,11 @@ def _decode_weight_bytes(model_cfg) -> int:
 
 
 def compare_decode(
-    cfg, s, params, tmodel, batch: int, prompt_len: int, new_tokens: int, rounds, bandwidth: float
+    cfg, s, params, tmodel, batch: int, prompt_len: int, new_tokens: int, rounds, steps_bound
 ):
     """Greedy generation of `new_tokens` after random prompts: tokens/s of each, same tokens?
-    And the memory-bound ceiling of any decode loop on this host at `bandwidth` bytes/s."""
+    And the memory-bound ceiling of any decode loop: `steps_bound` decode steps a second (the
+    bandwidth over the bytes a step reads), each emitting a token per row."""
     gen = make_generate(s.graphdef, SamplingSettings(max_new_tokens=new_tokens, temperature=0.0))
     rng = np.random.default_rng(batch)
     prompts = rng.integers(0, cfg.model.vocab_size, (batch, prompt_len), dtype=np.int32)
@@ -207,7 +208,7 @@ def compare_decode(
     same = jax_tokens.shape == torch_tokens.shape and bool((jax_tokens == torch_tokens).all())
     jt = batch * new_tokens / statistics.median(jax_s)
     tt = batch * new_tokens / statistics.median(torch_s)
-    ceiling = batch * bandwidth / _decode_weight_bytes(s.model_cfg)
+    ceiling = batch * steps_bound
     return {
         "batch": batch,
         "jaxlm_tokens_per_sec": round(jt, 1),
@@ -243,10 +244,11 @@ def run_size(size: str, args) -> dict:
         bandwidth = memory_bandwidth(args.bandwidth_mb)
         row["memory_gb_per_s"] = round(bandwidth / 1e9, 3)
         row["decode_weight_bytes"] = _decode_weight_bytes(s.model_cfg)
+        steps_bound = bandwidth / row["decode_weight_bytes"]
         row["decode"] = [
             compare_decode(
                 cfg, s, jparams, tmodel, int(b), args.prompt_len, args.new_tokens, args.rounds,
-                bandwidth,
+                steps_bound,
             )
             for b in args.decode_batches.split(",")
         ]  # fmt: skip
