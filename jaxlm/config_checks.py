@@ -11,10 +11,16 @@ import ml_collections
 
 from jaxlm.data.sources import parse_sources
 from jaxlm.data.types import DataError
-from jaxlm.models.heads import CLASSIFIER_ACTIVATIONS, POOLINGS
-from jaxlm.models.layers import MLP_KINDS
-from jaxlm.models.quant import QUANT_KINDS
-from jaxlm.models.transformer import BLOCK_NORMS, FAMILIES, POSITIONS
+from jaxlm.models.spec import (
+    BLOCK_NORMS,
+    CLASSIFIER_ACTIVATIONS,
+    FAMILIES,
+    MLP_GATED,
+    POOLINGS,
+    POSITIONS,
+    QUANT_KINDS,
+    REMATS,
+)
 
 
 class ConfigError(ValueError):
@@ -23,16 +29,16 @@ class ConfigError(ValueError):
 
 CHOICES = {
     "model.norm": ("rmsnorm", "layernorm"),
-    "model.mlp": tuple(MLP_KINDS),
+    "model.mlp": tuple(MLP_GATED),
     "model.family": FAMILIES,
     "model.positions": POSITIONS,
     "model.pooling": POOLINGS,
     "model.block_norm": BLOCK_NORMS,
-    "model.classifier_activation": tuple(CLASSIFIER_ACTIVATIONS),
+    "model.classifier_activation": CLASSIFIER_ACTIVATIONS,
     "model.attention_impl": ("xla", "cudnn"),
     "model.dtype": ("bfloat16", "float32"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "model.remat": ("none", "full", "dots"),
+    "model.remat": REMATS,
     "model.quant": QUANT_KINDS,
     "data.decode_errors": ("strict", "replace"),
     "data.normalize": ("none", "NFC", "NFKC"),

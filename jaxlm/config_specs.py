@@ -18,7 +18,7 @@ from jaxlm import storage
 from jaxlm.config_checks import EXAMPLE_OBJECTIVES, OBJECTIVE_LAYOUT, ConfigError
 from jaxlm.data import specs
 from jaxlm.data.sources import parse_sources
-from jaxlm.models.transformer import TransformerConfig
+from jaxlm.models.spec import TransformerConfig
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> TransformerConfig:

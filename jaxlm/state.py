@@ -24,7 +24,7 @@ from jaxlm import config as config_lib
 from jaxlm import sharding, transforms
 from jaxlm.checkpoint import Checkpointer, CheckpointError, open_step
 from jaxlm.models.families import build_model
-from jaxlm.models.transformer import TransformerConfig
+from jaxlm.models.spec import TransformerConfig
 
 # Model fields free to change between runs of one checkpoint: they change no parameter.
 _FREE_FIELDS = ("dropout", "attention_impl", "dtype", "remat", "qat")

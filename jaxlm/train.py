@@ -28,7 +28,7 @@ from jaxlm.data.feed import Prefetcher
 from jaxlm.data.source import build_source
 from jaxlm.data.types import DataSource
 from jaxlm.eval_loop import make_eval_step, run_eval
-from jaxlm.models.transformer import TransformerConfig
+from jaxlm.models.spec import TransformerConfig
 from jaxlm.optim import make_optimizer
 from jaxlm.preemption import Interrupted, StopSignal
 from jaxlm.state import ModelState, init_params

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import jax
 
 from jaxlm.config_checks import ConfigError
-from jaxlm.models.transformer import TransformerConfig
+from jaxlm.models.spec import TransformerConfig
 
 Transform = Callable[[dict, TransformerConfig], tuple[dict, TransformerConfig]]
 

@@ -15,7 +15,7 @@ from test_model import build as build_decoder
 
 from jaxlm import config as config_lib
 from jaxlm.config import ConfigError
-from jaxlm.models.transformer import TransformerConfig
+from jaxlm.models.spec import TransformerConfig
 
 BERT = dict(
     num_kv_heads=4,

@@ -40,3 +40,36 @@ def test_a_flag_value_that_looks_like_help_is_a_value(tmp_path):
     args = [str(script), "--workdir", str(tmp_path / "none"), "--prompt", "-h"]
     out = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "is not a jaxlm run directory" in out.stderr, out.stderr
+
+
+# The modules each program must not have loaded when it refuses a bad command line: the config
+# layer and the run-directory check come first, in a fraction of a second (JAX takes seconds).
+NOT_LOADED = """
+import atexit, runpy, sys
+atexit.register(lambda: print(sorted(m for m in ("jax", "flax", "optax") if m in sys.modules)))
+runpy.run_module("jaxlm.cli.{name}", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize(
+    "name,args,error",
+    [
+        (
+            "train",
+            ["--config", "experiments/pylm_tiny.py", "--workdir", "RUN", "--config.train.stepz=3"],
+            "train.stepz",
+        ),
+        ("bench", ["--config", "experiments/pylm_tiny.py", "--config.model.mlp=x"], "'model.mlp'"),
+        ("eval", ["--workdir", "RUN"], "is not a jaxlm run directory"),
+        ("generate", ["--workdir", "RUN", "--prompt", "a"], "is not a jaxlm run directory"),
+    ],
+)
+def test_a_bad_command_line_is_refused_before_jax_loads(tmp_path, name, args, error):
+    code = NOT_LOADED.format(name=name)
+    args = [str(tmp_path / "run") if a == "RUN" else a for a in args]
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60, cwd=root
+    )
+    assert out.returncode == 2 and error in out.stderr, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout

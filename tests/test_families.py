@@ -17,7 +17,7 @@ from jaxlm.config import DEFAULT_RULES
 from jaxlm.models.attention import relative_bucket
 from jaxlm.models.families import build_model
 from jaxlm.models.heads import pool
-from jaxlm.models.transformer import TransformerConfig
+from jaxlm.models.spec import TransformerConfig
 
 
 def tiny(family: str = "decoder", **overrides) -> TransformerConfig:

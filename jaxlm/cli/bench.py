@@ -33,7 +33,6 @@ def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
     from jaxlm import config as config_lib
-    from jaxlm.benchmark import benchmark, decode_benchmark, memory_report, tpu_topology_devices
 
     if not FLAGS.config:
         common.fail("jaxlm-bench", ValueError("--config is required"))
@@ -41,6 +40,9 @@ def main(argv: list[str]) -> None:
         config = config_lib.load_config(FLAGS.config, _OVERRIDES)
         if FLAGS.topology and not FLAGS.memory:
             raise ValueError("--topology only works with --memory; add --memory")
+        # After the checks: a bad config or flag is refused before JAX loads.
+        from jaxlm.benchmark import benchmark, decode_benchmark, memory_report, tpu_topology_devices
+
         if FLAGS.memory:
             devices = None
             if FLAGS.topology:

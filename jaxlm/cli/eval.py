@@ -49,13 +49,16 @@ _OVERRIDES: list[str] = []
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
-    import jax
-
-    from jaxlm import inference
+    from jaxlm import config as config_lib
 
     if not FLAGS.workdir:
         common.fail("jaxlm-eval", ValueError("--workdir is required"))
     try:
+        config_lib.load_run_config(FLAGS.workdir, _OVERRIDES)  # refused before JAX loads
+        import jax
+
+        from jaxlm import inference
+
         common.init_distributed()
         metrics = inference.evaluate_run(
             FLAGS.workdir,

@@ -85,7 +85,7 @@ class Streamer:
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
-    from jaxlm.inference import LanguageModel
+    from jaxlm import config as config_lib
 
     if not FLAGS.workdir:
         common.fail("jaxlm-generate", ValueError("--workdir is required"))
@@ -98,6 +98,9 @@ def main(argv: list[str]) -> None:
                 "pass --max_new_tokens or --max_length, not both (--max_length counts the "
                 "prompt's tokens too, as transformers' max_length)"
             )
+        config_lib.load_run_config(FLAGS.workdir, _OVERRIDES)  # refused before JAX loads
+        from jaxlm.inference import LanguageModel
+
         lm = LanguageModel.load(FLAGS.workdir, step=FLAGS.step, overrides=_OVERRIDES)
         if lm.tokenizer is None:
             raise ValueError(f"{FLAGS.workdir} has no tokenizer (a synthetic-data run)")

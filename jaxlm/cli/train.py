@@ -23,12 +23,13 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
     common.quiet_orbax_errors()
     from jaxlm import config as config_lib
-    from jaxlm import train
 
     if not FLAGS.config or not FLAGS.workdir:
         common.fail("jaxlm-train", ValueError("--config and --workdir are required"))
     try:
         config = config_lib.load_config(FLAGS.config, _OVERRIDES)
+        from jaxlm import train  # after the config: a bad one is refused before JAX loads
+
         common.init_distributed()
         train.train(config, FLAGS.workdir)
     except common.USER_ERRORS as e:

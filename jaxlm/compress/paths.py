@@ -10,7 +10,7 @@ from flax import nnx
 
 from jaxlm.models.families import build_model
 from jaxlm.models.layers import DenseGeneral
-from jaxlm.models.transformer import TransformerConfig
+from jaxlm.models.spec import TransformerConfig
 
 
 def dense_layers(model_cfg: TransformerConfig) -> list[tuple[tuple, DenseGeneral]]:

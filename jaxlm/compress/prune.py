@@ -30,7 +30,7 @@ from safetensors.numpy import load_file, save
 from jaxlm import sharding
 from jaxlm.compress import calibrate, runs
 from jaxlm.config import ConfigError
-from jaxlm.models.transformer import TransformerConfig
+from jaxlm.models.spec import TransformerConfig
 
 TARGET = re.compile(
     r"(^|/)blocks/\d+/(attn|cross_attn|mlp)/(query|key|value|out|up|gate|down)/kernel$"

@@ -23,7 +23,7 @@ from jaxlm import config as config_lib
 from jaxlm.compress import paths, runs
 from jaxlm.config import ConfigError
 from jaxlm.models import quant
-from jaxlm.models.transformer import TransformerConfig
+from jaxlm.models.spec import TransformerConfig
 
 
 def quantize_params(

@@ -29,7 +29,7 @@ from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.data.feed import to_device
 from jaxlm.data.source import build_source
 from jaxlm.data.types import DataSource
-from jaxlm.models.transformer import TransformerConfig
+from jaxlm.models.spec import TransformerConfig
 
 # Fields of a model config that change no parameter: the new run keeps its source's values.
 _FREE = ("dropout", "attention_impl", "dtype", "remat", "qat")  # qat: from train.qat

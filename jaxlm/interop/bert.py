@@ -24,7 +24,7 @@ import math
 import numpy as np
 
 from jaxlm.interop.hf_files import ConversionError
-from jaxlm.models.transformer import TransformerConfig
+from jaxlm.models.spec import TransformerConfig
 
 ARCHITECTURES = {
     "BertForMaskedLM": "mlm",

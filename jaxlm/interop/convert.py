@@ -38,7 +38,7 @@ from jaxlm.checkpoint import Checkpointer
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.interop import bert, gpt2, hf_files, llama, t5
 from jaxlm.interop.hf_files import ConversionError
-from jaxlm.models.transformer import TransformerConfig
+from jaxlm.models.spec import TransformerConfig
 
 # The family modules, one a line; export tries their architectures in this order.
 FAMILIES: tuple[ModuleType, ...] = (

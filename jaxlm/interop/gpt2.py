@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxlm.interop.hf_files import ConversionError, take_lm_head
-from jaxlm.models.transformer import TransformerConfig
+from jaxlm.models.spec import TransformerConfig
 
 ARCHITECTURES = {"GPT2LMHeadModel": "lm"}
 # HF activation_function -> model.mlp, and back.

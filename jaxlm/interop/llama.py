@@ -9,7 +9,7 @@ needed: torch Linear [out, in] -> jaxlm kernel [in, heads, head_dim].
 from __future__ import annotations
 
 from jaxlm.interop.hf_files import ConversionError, take_lm_head
-from jaxlm.models.transformer import TransformerConfig
+from jaxlm.models.spec import TransformerConfig
 
 ARCHITECTURES = {"LlamaForCausalLM": "lm"}
 _MUST = {"attention_bias": False, "mlp_bias": False, "hidden_act": "silu", "pretraining_tp": 1}

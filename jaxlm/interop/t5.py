@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxlm.interop.hf_files import ConversionError
-from jaxlm.models.transformer import TransformerConfig
+from jaxlm.models.spec import TransformerConfig
 
 ARCHITECTURES = {"T5ForConditionalGeneration": "seq2seq"}
 # jaxlm.tasks.DECODER_START_ID (a sibling layer interop cannot import; the tests check they

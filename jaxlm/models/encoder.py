@@ -22,7 +22,8 @@ from jaxlm.models.heads import (
     vocab_logits,
 )
 from jaxlm.models.layers import Embed, dtype_of, make_param
-from jaxlm.models.transformer import TokenLM, TransformerConfig
+from jaxlm.models.spec import TransformerConfig
+from jaxlm.models.transformer import TokenLM
 
 
 class EncoderLM(TokenLM):

@@ -17,7 +17,8 @@ from flax import nnx
 
 from jaxlm.models.heads import make_lm_head, output_scale, vocab_logits
 from jaxlm.models.layers import Embed
-from jaxlm.models.transformer import Stack, TransformerConfig
+from jaxlm.models.spec import TransformerConfig
+from jaxlm.models.transformer import Stack
 
 
 class EncoderDecoder(nnx.Module):

@@ -11,7 +11,8 @@ from flax import nnx
 
 from jaxlm.models.encoder import EncoderLM
 from jaxlm.models.encoder_decoder import EncoderDecoder
-from jaxlm.models.transformer import TransformerConfig, TransformerLM
+from jaxlm.models.spec import TransformerConfig
+from jaxlm.models.transformer import TransformerLM
 
 MODELS = {"decoder": TransformerLM, "encoder": EncoderLM, "encoder_decoder": EncoderDecoder}
 

@@ -14,7 +14,7 @@ from flax import nnx
 
 from jaxlm import sharding
 from jaxlm.models.layers import (
-    MLP_KINDS,
+    MLP_ACTIVATIONS,
     DenseGeneral,
     Embed,
     dropout,
@@ -23,9 +23,7 @@ from jaxlm.models.layers import (
     make_param,
 )
 
-POOLINGS = ("auto", "first", "mean", "last")
-# The classification head's activation after its first dense layer: BERT's pooler (tanh) or
-# DistilBERT's pre_classifier (ReLU).
+# spec.CLASSIFIER_ACTIVATIONS' functions.
 CLASSIFIER_ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu}
 
 
@@ -97,7 +95,7 @@ class MLMTransform(nnx.Module):
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         d, common = cfg.d_model, dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-        self.act = MLP_KINDS[cfg.mlp][0]
+        self.act = MLP_ACTIVATIONS[cfg.mlp]
         self.dense = DenseGeneral(
             (d,), (d,), ("embed", None), std=cfg.init_std, use_bias=cfg.use_bias, **common
         )

@@ -19,6 +19,7 @@ from flax import nnx
 
 from jaxlm import sharding
 from jaxlm.models import quant
+from jaxlm.models.spec import MLP_GATED
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -171,27 +172,25 @@ def make_norm(kind: str, dim: int, *, eps: float, use_bias: bool, dtype, param_d
     )
 
 
-# name -> (activation, gated). Gated kinds (LLaMA's SwiGLU, T5 v1.1's gated GELU) compute
-# act(gate(x)) * up(x); the others act(up(x)). "gelu" is the tanh approximation (GPT-2's
-# gelu_new), "gelu_exact" the erf form (BERT).
-MLP_KINDS = {
-    "gelu": (lambda x: jax.nn.gelu(x, approximate=True), False),
-    "gelu_exact": (lambda x: jax.nn.gelu(x, approximate=False), False),
-    "relu": (jax.nn.relu, False),
-    "swiglu": (jax.nn.silu, True),
-    "geglu": (lambda x: jax.nn.gelu(x, approximate=True), True),
+# The activation of each MLP kind in spec.MLP_GATED (which also says whether it is gated).
+MLP_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+    "swiglu": jax.nn.silu,
+    "geglu": lambda x: jax.nn.gelu(x, approximate=True),
 }
 
 
 class MLP(nnx.Module):
-    """D -> F -> D with one of MLP_KINDS: GELU (GPT-2, BERT), ReLU (T5), SwiGLU, gated GELU."""
+    """D -> F -> D, one of spec.MLP_GATED's kinds: GELU (GPT-2, BERT), ReLU (T5), SwiGLU, GeGLU."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         d, f = cfg.d_model, cfg.d_ff
         common = dense_options(cfg)
         self.kind = cfg.mlp
         self.up = DenseGeneral((d,), (f,), ("embed", "mlp"), std=cfg.init_std, rngs=rngs, **common)
-        if MLP_KINDS[self.kind][1]:
+        if MLP_GATED[self.kind]:
             self.gate = DenseGeneral(
                 (d,), (f,), ("embed", "mlp"), std=cfg.init_std, rngs=rngs, **common
             )
@@ -200,7 +199,7 @@ class MLP(nnx.Module):
         )
 
     def __call__(self, x_BTD):
-        act, gated = MLP_KINDS[self.kind]
+        act, gated = MLP_ACTIVATIONS[self.kind], MLP_GATED[self.kind]
         h_BTF = act(self.gate(x_BTD)) * self.up(x_BTD) if gated else act(self.up(x_BTD))
         h_BTF = sharding.constrain(h_BTF, ("batch", "length", "mlp"))
         return self.down(h_BTF)

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-QUANT_KINDS = ("none", "int8", "int4")
 QMAX = {"int8": 127, "int4": 7}
 
 
