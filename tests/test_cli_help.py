@@ -60,7 +60,6 @@ runpy.run_module("jaxlm.cli.{name}", run_name="__main__")
             "train.stepz",
         ),
         ("bench", ["--config", "experiments/pylm_tiny.py", "--config.model.mlp=x"], "'model.mlp'"),
-        ("eval", ["--workdir", "RUN"], "is not a jaxlm run directory"),
         ("generate", ["--workdir", "RUN", "--prompt", "a"], "is not a jaxlm run directory"),
     ],
 )

@@ -49,16 +49,13 @@ _OVERRIDES: list[str] = []
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
-    from jaxlm import config as config_lib
+    import jax
+
+    from jaxlm import inference
 
     if not FLAGS.workdir:
         common.fail("jaxlm-eval", ValueError("--workdir is required"))
     try:
-        config_lib.load_run_config(FLAGS.workdir, _OVERRIDES)  # refused before JAX loads
-        import jax
-
-        from jaxlm import inference
-
         common.init_distributed()
         metrics = inference.evaluate_run(
             FLAGS.workdir,
