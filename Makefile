@@ -22,9 +22,11 @@ demo: install
 		--temperature 0.7 --top_k 40
 
 # Both cores: pytest-xdist, a file per worker at a time (module fixtures are built once), one
-# XLA compilation cache for both workers and their subprocesses (tests/conftest.py).
+# XLA compilation cache for the workers and their subprocesses (tests/conftest.py). Three workers
+# on two cores: the tests also wait (on subprocesses, other processes, signals), and a third
+# worker fills those waits (2026-12-03, this 2-core VM: 427 s of pytest against about 500 s).
 test: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 tests
+	$(BIN)/python -m pytest -q -n 3 --dist loadfile --durations=15 tests
 
 lint: install
 	$(BIN)/lint-imports --config setup.cfg

@@ -12,6 +12,7 @@ and the benchmarks use it as it is.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,13 +32,27 @@ _FREE_FIELDS = ("dropout", "attention_impl", "dtype", "remat", "qat")
 
 
 def abstract_model(model_cfg: TransformerConfig) -> tuple[nnx.GraphDef, dict, dict]:
-    """(graphdef, abstract params as a pure dict, logical axes per param), allocating nothing."""
+    """(graphdef, abstract params as a pure dict, logical axes per param), allocating nothing.
+
+    Traced once per config in a process (building the modules costs ~0.1 s even abstractly, and
+    a setup, an eval and a load each need it); each call gets its own dicts."""
+    graphdef, params, axes = _abstract_model(model_cfg)
+    return graphdef, _copy_dicts(params), _copy_dicts(axes)
+
+
+@functools.lru_cache(maxsize=32)
+def _abstract_model(model_cfg: TransformerConfig) -> tuple[nnx.GraphDef, dict, dict]:
     model = nnx.eval_shape(lambda: build_model(model_cfg, rngs=nnx.Rngs(0)))
     graphdef, params = nnx.split(model, nnx.Param)
     axes = jax.tree.map(
         lambda v: v.get_metadata()["axes"], params, is_leaf=lambda x: isinstance(x, nnx.Variable)
     )
     return graphdef, params.to_pure_dict(), axes.to_pure_dict()
+
+
+def _copy_dicts(tree: Any) -> Any:
+    """The nested dicts copied; their leaves (ShapeDtypeStructs, axis-name tuples) are immutable."""
+    return {k: _copy_dicts(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
 
 
 def init_params(model_cfg: TransformerConfig, seed: int) -> dict:

@@ -68,6 +68,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", "-1")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+import filelock  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 from compile_report import (  # noqa: E402, F401 (JAXLM_TEST_COMPILE_REPORT=1's hooks)
@@ -175,16 +176,32 @@ def train_stdlib(tmp: Path, objective: str = "lm") -> Path:
     return tmp / "run"
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(folder)`'s folder, built once per test session: the pytest-xdist workers share
+    one (the first to ask builds it under a file lock; the others wait, then read it)."""
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent  # this session's folder, above the workers' own
+    folder, done = root / name, root / f"{name}.built"
+    with filelock.FileLock(root / f"{name}.lock"):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed in another worker
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def stdlib_lm_run(tmp_path_factory):
     """One 4-step LM run on the embedded corpus, shared by the tests that only read it."""
-    return train_stdlib(tmp_path_factory.mktemp("stdlib_lm"))
+    return built_once(tmp_path_factory, "stdlib_lm", train_stdlib) / "run"
 
 
 @pytest.fixture(scope="session")
 def stdlib_mlm_run(tmp_path_factory):
     """One 4-step masked-LM (encoder) run on the embedded corpus, shared like stdlib_lm_run."""
-    return train_stdlib(tmp_path_factory.mktemp("stdlib_mlm"), "mlm")
+    return built_once(tmp_path_factory, "stdlib_mlm", lambda d: train_stdlib(d, "mlm")) / "run"
 
 
 # Cold-cache CPU seconds per file dominate `make test`; with `--dist loadfile` xdist hands files
