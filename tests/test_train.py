@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,26 +36,27 @@ def final_loss(workdir: Path) -> float:
         ("classify", "decoder"),
     ],
 )
-def test_resume_equals_uninterrupted(tmp_path, capsys, objective, family):
+def test_resume_equals_uninterrupted(tmp_path, objective, family):
+    """A run restarted from its step-3 checkpoint alone (what a crash or a preemption after
+    step 3 leaves) ends as the uninterrupted run: parameters, optimizer state, data order and
+    the dropout and masking keys all continue exactly."""
     c = tiny_config(objective=objective)
     c.model.family = family
     c.model.dropout = 0.1  # dropout (and mlm masking) keys must also continue exactly
-    full = train.train(c, tmp_path / "full")
-    c.train.stop_at = 3
-    half = train.train(c, tmp_path / "split")
-    assert half == {"step": 3, "stopped": True}
-    out = capsys.readouterr().out
-    assert "train.stop_at: saved checkpoint at step 3; run without train.stop_at to resume" in out
-    c.train.stop_at = 0
+    full = train.train(c, tmp_path / "full")  # saves at steps 3 and 6
+    checkpoint = Path("checkpoints") / "3"
+    shutil.copytree(tmp_path / "full" / checkpoint, tmp_path / "split" / checkpoint)
     rest = train.train(c, tmp_path / "split")
     assert rest["step"] == 6
+    logged = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    assert [r["step"] for r in map(json.loads, logged) if "train/loss" in r] == [4, 6]  # resumed
     np.testing.assert_allclose(
         final_loss(tmp_path / "split"), final_loss(tmp_path / "full"), rtol=1e-5
     )
     np.testing.assert_allclose(rest["eval/loss"], full["eval/loss"], rtol=1e-5)
 
 
-def test_outputs_in_the_workdir(tmp_path):
+def test_outputs_in_the_workdir(tmp_path, capsys):
     c = tiny_config()
     out = train.train(c, tmp_path)
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -66,9 +68,13 @@ def test_outputs_in_the_workdir(tmp_path):
     assert any((tmp_path / "tensorboard").iterdir())
     assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 6
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [3, 6]
-    # A changed config keeps the earlier one rather than overwriting it.
-    c.train.steps = 8
-    train.train(c, tmp_path)
+    # A changed config keeps the earlier one rather than overwriting it; train.stop_at stops
+    # the run early with a checkpoint.
+    c.train.steps, c.train.stop_at = 8, 7
+    assert train.train(c, tmp_path) == {"step": 7, "stopped": True}
+    out = capsys.readouterr().out
+    assert "train.stop_at: saved checkpoint at step 7; run without train.stop_at to resume" in out
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [3, 6, 7]
     assert json.loads((tmp_path / "config.1.json").read_text())["train"]["steps"] == 6
     assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 8
 
