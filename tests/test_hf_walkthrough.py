@@ -3,14 +3,15 @@ folders, then checked against transformers: greedy GPT-2 generation equals trans
 generate(max_length=...), the fine-tuned BERT's fill_mask equals its exported copy's
 probabilities, and classify equals DistilBERT's softmax."""
 
+from __future__ import annotations
+
 import os
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import transformers
+from reference_libs import torch, transformers
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,9 +23,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 import tokenizers
-import torch
-import transformers
 from flax import nnx
+from reference_libs import torch, transformers
 from safetensors import safe_open
 from tokenizers import decoders, models, pre_tokenizers, trainers
 

@@ -5,6 +5,8 @@ scale is 1 and no bias 0), saved with a WordPiece tokenizer, imported and export
 share those folders. Nothing downloads.
 """
 
+from __future__ import annotations
+
 # ruff: noqa: E402 (HF_HUB_OFFLINE is read when transformers is imported)
 import os
 
@@ -18,9 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
 from flax import nnx
+from reference_libs import torch, transformers
 
 from jaxlm import config as config_lib
 from jaxlm import state, train

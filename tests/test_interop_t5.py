@@ -5,6 +5,8 @@ One random-init model per variant, every parameter perturbed, saved, imported an
 (module-scoped fixtures); d_kv * num_heads != d_model, and v1.1 has fewer decoder blocks.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import json
 import os
@@ -14,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from reference_libs import torch, transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from jaxlm import objectives, tasks
@@ -22,8 +25,6 @@ from jaxlm.interop import ConversionError, convert, export_hf, hf_files, import_
 from jaxlm.models.attention import relative_bucket
 from jaxlm.models.families import build_model
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 COMMON = dict(vocab_size=96, d_model=64, d_kv=8, d_ff=96, num_layers=2, num_heads=4)
