@@ -14,6 +14,7 @@ from flax import nnx
 
 from jaxlm import sharding
 from jaxlm.config import DEFAULT_RULES
+from jaxlm.models import heads, layers, quant, spec, transformer
 from jaxlm.models.attention import relative_bucket
 from jaxlm.models.families import build_model
 from jaxlm.models.heads import pool
@@ -242,3 +243,12 @@ def test_sharded_forward_equals_one_device():
     sharded_equals_one_device(
         model, lambda m, x, s, y: m(x, y, encoder_segment_ids_BS=s), x, seg, y
     )
+
+
+def test_every_named_choice_has_its_implementation():
+    """The jax-free spec names each choice (the config layer checks against it); the modules map
+    the same names to functions, so a name added on one side only fails here, not in a run."""
+    assert set(layers.MLP_ACTIVATIONS) == set(spec.MLP_GATED)
+    assert set(heads.CLASSIFIER_ACTIVATION_FNS) == set(spec.CLASSIFIER_ACTIVATIONS)
+    assert {"none", *transformer.REMAT_POLICIES} == set(spec.REMATS)
+    assert set(quant.QMAX) == set(spec.QUANT_KINDS) - {"none"}

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from reference_libs import torch, transformers
 
-os.environ["HF_HUB_OFFLINE"] = "1"
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Pretrained models (Hugging Face)"
 

@@ -3,15 +3,11 @@ export that transformers loads (fp32, bf16, sharded), bit-identical round trips,
 imported model, and the one-line errors. Models are random-init, every tensor perturbed (HF
 starts biases and norm scales at 0 and 1, which would hide swapped tensors), saved offline."""
 
-# ruff: noqa: E402 (HF_HUB_OFFLINE is read when transformers is imported)
 from __future__ import annotations
-
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # these tests never download
 
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys

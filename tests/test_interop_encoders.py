@@ -7,11 +7,6 @@ share those folders. Nothing downloads.
 
 from __future__ import annotations
 
-# ruff: noqa: E402 (HF_HUB_OFFLINE is read when transformers is imported)
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # these tests never download
-
 import dataclasses
 import json
 import shutil

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +23,6 @@ from jaxlm.generate import SamplingSettings, make_seq2seq_generate
 from jaxlm.interop import ConversionError, convert, export_hf, hf_files, import_hf, load_hf, t5
 from jaxlm.models.attention import relative_bucket
 from jaxlm.models.families import build_model
-
-os.environ["HF_HUB_OFFLINE"] = "1"
 
 COMMON = dict(vocab_size=96, d_model=64, d_kv=8, d_ff=96, num_layers=2, num_heads=4)
 COMMON.update(decoder_start_token_id=0, dropout_rate=0.0)

@@ -23,8 +23,8 @@ from jaxlm.models.layers import (
     make_param,
 )
 
-# spec.CLASSIFIER_ACTIVATIONS' functions.
-CLASSIFIER_ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu}
+# The function of each name in spec.CLASSIFIER_ACTIVATIONS.
+CLASSIFIER_ACTIVATION_FNS = {"tanh": jnp.tanh, "relu": jax.nn.relu}
 
 
 def make_lm_head(cfg, rngs: nnx.Rngs) -> nnx.Param:
@@ -83,7 +83,7 @@ class ClassificationHead(nnx.Module):
         self.out = DenseGeneral((d,), (c,), ("embed", None), std=cfg.init_std, **common)
 
     def __call__(self, pooled_BD, dropout_key: jax.Array | None = None):
-        h_BD = CLASSIFIER_ACTIVATIONS[self.activation](self.pooler(pooled_BD))
+        h_BD = CLASSIFIER_ACTIVATION_FNS[self.activation](self.pooler(pooled_BD))
         return self.out(dropout(h_BD, self.rate, dropout_key))
 
 
