@@ -20,6 +20,12 @@ reads (`decode_weight_bytes`), and the bound over torch's tokens/s (`memory_boun
 decode loop that reads memory no faster than that product beats torch by at most this much (at
 small batches; larger ones are bound by compute first).
 
+The row also splits each train step into its dense matrix products and the rest (`gemms`):
+the step's products (`step_gemms`: every weight's forward, input-gradient and weight-gradient
+product, attention's own aside) timed alone in XLA and in torch at the step's shapes, and each
+step time less them. Where jaxlm trails torch, this says whether XLA's CPU matrix products or
+jaxlm's own work is behind it.
+
 Threads: torch uses one intra-op thread per core (the cores this process may use, `--cores` pins
 it to fewer); XLA's CPU client sizes its pool to the same cores.
 
@@ -145,6 +151,97 @@ def compare_train(cfg, s, state, tmodel, rounds: int, per_chunk: int) -> dict:
     }
 
 
+def step_gemms(
+    size: str, library: str, rows: int | None = None, backward: bool = True
+) -> list[tuple[str, tuple, tuple, int, int, int]]:
+    """The dense matrix products of one step of `size` as `library` ("jaxlm" or "torch") forms
+    them: jaxlm projects queries, keys and values with three [D, D] weights, GPT2LMHeadModel
+    with one [D, 3D]. Per weight the forward product and, with `backward`, the input and the
+    weight gradient as autograd forms them. `rows`: the token rows a product sees (default
+    the train batch's tokens; a decode step's are its batch). Attention's own score and value
+    products are left out: torch runs those inside its fused SDPA kernel. Each entry is
+    (name, lhs shape, rhs shape, lhs contracting dim, rhs contracting dim, how many a step)."""
+    layers, d, _, ff, vocab, batch, seq = SIZES[size]
+    m = batch * seq if rows is None else rows
+    qkv = (("q", d, d), ("k", d, d), ("v", d, d)) if library == "jaxlm" else (("qkv", d, 3 * d),)
+    gemms = []
+    for name, n_in, n_out in (*qkv, ("proj", d, d), ("up", d, ff), ("down", ff, d)):
+        gemms.append((f"{name} forward", (m, n_in), (n_in, n_out), 1, 0, layers))  # x @ W
+        if backward:
+            gemms.append((f"{name} input grad", (m, n_out), (n_in, n_out), 1, 1, layers))
+            gemms.append((f"{name} weight grad", (m, n_in), (m, n_out), 0, 0, layers))
+    # The tied head: logits = x @ E^T with E [V, D]; gradients g @ E and g^T @ x.
+    gemms.append(("head forward", (m, d), (vocab, d), 1, 1, 1))
+    if backward:
+        gemms.append(("head input grad", (m, vocab), (vocab, d), 1, 0, 1))
+        gemms.append(("head weight grad", (m, vocab), (m, d), 0, 0, 1))
+    return gemms
+
+
+def gemm_flops(gemms) -> int:
+    total = 0
+    for _, lhs, rhs, lc, rc, count in gemms:
+        total += 2 * lhs[1 - lc] * lhs[lc] * rhs[1 - rc] * count
+    return total
+
+
+def _gemm_runs(lhs, rhs, lc: int, rc: int, reps: int, rng):
+    """One product `reps` times over, as two zero-argument runs. XLA's is one jitted loop whose
+    every product feeds the next (its max nudges one input element by 1e-30 of it), so nothing
+    is hoisted and the threads stay busy as they do inside a train step: a call per product
+    would time the thread pool's wake-ups instead (2x at the `issue` size). torch's is
+    `torch.mm` on transposed views, as autograd calls it."""
+    a = rng.standard_normal(lhs, dtype=np.float32)
+    b = rng.standard_normal(rhs, dtype=np.float32)
+    dims = (((lc,), (rc,)), ((), ()))
+
+    def loop(a, b):
+        def body(_, a):
+            y = jax.lax.dot_general(a, b, dims)
+            return a.at[0, 0].add(1e-30 * jax.numpy.max(y))
+
+        return jax.lax.fori_loop(0, reps, body, a)
+
+    jloop, ja, jb = jax.jit(loop), jax.numpy.asarray(a), jax.numpy.asarray(b)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    ta, tb = (ta if lc == 1 else ta.t()), (tb if rc == 0 else tb.t())
+
+    def torch_run():
+        for _ in range(reps):
+            torch.mm(ta, tb)
+
+    return (lambda: jax.block_until_ready(jloop(ja, jb))), torch_run
+
+
+def compare_gemms(size: str, rounds: int, rows=None, backward=True, reps: int = 5) -> dict:
+    """A step's dense matrix products alone (`step_gemms`), jaxlm's run by XLA and torch's by
+    torch, in turns: ms a step of each. Set against the step times, this splits each step
+    into matrix products and the rest (attention, norms, activations, loss, optimizer and, in
+    torch, Python's dispatch)."""
+    rng = np.random.default_rng(0)
+    runs = {}
+    for library in ("jaxlm", "torch"):
+        runs[library] = []
+        for _, lhs, rhs, lc, rc, count in step_gemms(size, library, rows, backward):
+            pair = _gemm_runs(lhs, rhs, lc, rc, reps, rng)
+            run = pair[0] if library == "jaxlm" else pair[1]
+            run()  # compile, warm
+            runs[library].append((run, count))
+    ms = {library: [] for library in runs}
+    for _ in range(rounds):
+        for library, products in runs.items():
+            ms[library].append(sum(count * _ms_per_step(run, reps) for run, count in products))
+    jax_ms, torch_ms = statistics.median(ms["jaxlm"]), statistics.median(ms["torch"])
+    flops = gemm_flops(step_gemms(size, "jaxlm", rows, backward))
+    assert flops == gemm_flops(step_gemms(size, "torch", rows, backward))
+    return {
+        "gemm_flops": flops,
+        "jaxlm_gemm_ms": round(jax_ms, 2),
+        "torch_gemm_ms": round(torch_ms, 2),
+        "gemm_speedup": round(torch_ms / jax_ms, 3),
+    }
+
+
 def memory_bandwidth(mbytes: int, reps: int = 5) -> float:
     """Bytes/s that a jitted matrix-vector product streams from memory (best of `reps`): the
     most that decoding, which reads every weight once per step, can draw."""
@@ -213,12 +310,22 @@ def compare_decode(
         "batch": batch,
         "jaxlm_tokens_per_sec": round(jt, 1),
         "torch_tokens_per_sec": round(tt, 1),
+        # A decode step's ms (one new token a row), the prompt's prefill spread over the steps.
+        "jaxlm_step_ms": round(1e3 * statistics.median(jax_s) / new_tokens, 3),
+        "torch_step_ms": round(1e3 * statistics.median(torch_s) / new_tokens, 3),
         "decode_speedup": round(jt / tt, 3),
         "memory_bound_tokens_per_sec": round(ceiling, 1),
         "memory_bound_speedup": round(ceiling / tt, 3),
         "greedy_identical": same,
         "matching_tokens": float(np.mean(jax_tokens == torch_tokens)) if not same else 1.0,
     }
+
+
+def _with_rest(split: dict, jaxlm_step_ms: float, torch_step_ms: float) -> dict:
+    """`compare_gemms`'s figures plus each step's time outside its matrix products."""
+    split["jaxlm_rest_ms"] = round(jaxlm_step_ms - split["jaxlm_gemm_ms"], 2)
+    split["torch_rest_ms"] = round(torch_step_ms - split["torch_gemm_ms"], 2)
+    return split
 
 
 def run_size(size: str, args) -> dict:
@@ -236,6 +343,9 @@ def run_size(size: str, args) -> dict:
     }
     _progress(f"{size}: train steps")
     row.update(compare_train(cfg, s, state, tmodel, args.rounds, args.steps))
+    _progress(f"{size}: the step's matrix products alone")
+    split = compare_gemms(size, args.rounds)
+    row["gemms"] = _with_rest(split, row["jaxlm_step_ms"], row["torch_step_ms"])
     _progress(f"{size}: {row['jaxlm_step_ms']} ms vs {row['torch_step_ms']} ms; decoding")
     if args.decode_batches:
         # Fresh copies of the initial weights (the train steps above changed both models).
@@ -252,6 +362,10 @@ def run_size(size: str, args) -> dict:
             )
             for b in args.decode_batches.split(",")
         ]  # fmt: skip
+        _progress(f"{size}: a decode step's matrix products alone")
+        for d in row["decode"]:
+            split = compare_gemms(size, args.rounds, rows=d["batch"], backward=False)
+            d["gemms"] = _with_rest(split, d["jaxlm_step_ms"], d["torch_step_ms"])
     row.update(
         {
             "threads": {

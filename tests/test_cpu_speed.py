@@ -42,6 +42,8 @@ def test_compare_torch_tiny_same_losses_and_greedy_tokens():
         assert r[key] > 0, key
     lo, hi = r["train_speedup_range"]
     assert lo <= hi
+    # The weights of the model's matrix products: 2 layers of 4 d^2 + 2 d d_ff, the tied head.
+    matmul_params = 2 * (4 * 32 * 32 + 2 * 32 * 64) + 65 * 32
     assert [d["batch"] for d in r["decode"]] == [2]
     for d in r["decode"]:
         assert d["greedy_identical"] is True and d["matching_tokens"] == 1.0, d
@@ -51,11 +53,28 @@ def test_compare_torch_tiny_same_losses_and_greedy_tokens():
         # The memory-bound ceiling: batch x bandwidth / fp32 weight bytes, over torch's rate.
         want = d["batch"] * r["memory_gb_per_s"] * 1e9 / r["decode_weight_bytes"]
         assert abs(d["memory_bound_tokens_per_sec"] - want) < 0.01 * want + 0.1, (d, want)
+        # A decode step (one token a row) and its matrix products: the forward ones, 2 rows.
+        for lib in ("jaxlm", "torch"):
+            step_ms = 1e3 * d["batch"] / d[f"{lib}_tokens_per_sec"]
+            assert abs(d[f"{lib}_step_ms"] - step_ms) < 0.01 * step_ms + 0.001, (d, lib)
+            split = d["gemms"]
+            assert (
+                abs(split[f"{lib}_gemm_ms"] + split[f"{lib}_rest_ms"] - d[f"{lib}_step_ms"]) < 0.02
+            )
+        assert d["gemms"]["gemm_flops"] == 2 * 2 * matmul_params, d["gemms"]
         ceiling_ratio = d["memory_bound_tokens_per_sec"] / d["torch_tokens_per_sec"]
         assert abs(d["memory_bound_speedup"] - ceiling_ratio) < 0.01 * ceiling_ratio + 0.001
     assert r["memory_gb_per_s"] > 0
     # Every weight but the position table (16 positions x d_model 32), 4 bytes each.
     assert r["decode_weight_bytes"] == 4 * (r["params"] - 16 * 32)
+    # The train step's matrix products: every weight's forward, input-gradient and
+    # weight-gradient product, 3 x 2 x tokens x matmul parameters.
+    g = r["gemms"]
+    assert g["gemm_flops"] == 6 * 32 * matmul_params, g
+    assert g["jaxlm_gemm_ms"] > 0 and g["torch_gemm_ms"] > 0
+    assert abs(g["gemm_speedup"] - g["torch_gemm_ms"] / g["jaxlm_gemm_ms"]) < 0.01
+    for lib in ("jaxlm", "torch"):
+        assert abs(g[f"{lib}_gemm_ms"] + g[f"{lib}_rest_ms"] - r[f"{lib}_step_ms"]) < 0.02
     assert r["threads"]["torch"] == r["threads"]["xla_cores"]
     assert set(r["versions"]) == {"jax", "torch", "transformers"}
 
