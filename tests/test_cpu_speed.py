@@ -53,15 +53,6 @@ def test_compare_torch_tiny_same_losses_and_greedy_tokens():
         # The memory-bound ceiling: batch x bandwidth / fp32 weight bytes, over torch's rate.
         want = d["batch"] * r["memory_gb_per_s"] * 1e9 / r["decode_weight_bytes"]
         assert abs(d["memory_bound_tokens_per_sec"] - want) < 0.01 * want + 0.1, (d, want)
-        # A decode step (one token a row) and its matrix products: the forward ones, 2 rows.
-        for lib in ("jaxlm", "torch"):
-            step_ms = 1e3 * d["batch"] / d[f"{lib}_tokens_per_sec"]
-            assert abs(d[f"{lib}_step_ms"] - step_ms) < 0.01 * step_ms + 0.001, (d, lib)
-            split = d["gemms"]
-            assert (
-                abs(split[f"{lib}_gemm_ms"] + split[f"{lib}_rest_ms"] - d[f"{lib}_step_ms"]) < 0.02
-            )
-        assert d["gemms"]["gemm_flops"] == 2 * 2 * matmul_params, d["gemms"]
         ceiling_ratio = d["memory_bound_tokens_per_sec"] / d["torch_tokens_per_sec"]
         assert abs(d["memory_bound_speedup"] - ceiling_ratio) < 0.01 * ceiling_ratio + 0.001
     assert r["memory_gb_per_s"] > 0
