@@ -52,7 +52,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from jaxlm import benchmark, sharding, train
 from jaxlm.config import base_config, gpt2_style
-from jaxlm.generate import SamplingSettings, make_generate
+from jaxlm.decode_settings import SamplingSettings
+from jaxlm.generate import make_generate
 from jaxlm.interop import gpt2
 
 # name -> (layers, d_model, heads, d_ff, vocab, batch, seq_len)

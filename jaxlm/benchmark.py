@@ -21,7 +21,8 @@ from jaxlm import evaluate, sharding, train
 from jaxlm.data import feed
 from jaxlm.data.builtin import synthetic
 from jaxlm.data.types import DataSource
-from jaxlm.generate import SamplingSettings, make_generate
+from jaxlm.decode_settings import SamplingSettings
+from jaxlm.generate import make_generate
 from jaxlm.state import ModelState
 
 

@@ -11,6 +11,7 @@ import ml_collections
 
 from jaxlm.data.sources import parse_sources
 from jaxlm.data.types import DataError
+from jaxlm.decode_settings import BeamSettings
 from jaxlm.models.spec import (
     BLOCK_NORMS,
     CLASSIFIER_ACTIVATIONS,
@@ -264,3 +265,18 @@ def _get(config: ml_collections.ConfigDict, key: str) -> Any:
     for part in key.split("."):
         node = node[part]
     return node
+
+
+def check_eval_args(
+    *, max_batches: int | None, max_decode_examples: int, beam_size: int, length_penalty: float
+) -> None:
+    """jaxlm-eval's (and `inference.evaluate_run`'s) arguments: one-line errors naming the flag,
+    raised before anything loads."""
+    if max_batches is not None and max_batches < 0:
+        raise ValueError(f"--max_batches must be >= 0 (0 is all), got {max_batches}")
+    if max_decode_examples < 0:
+        raise ValueError(
+            f"--max_decode_examples must be >= 0 (0: what the eval batches hold), got "
+            f"{max_decode_examples}"
+        )
+    BeamSettings(beam_size=beam_size, length_penalty=length_penalty).check()

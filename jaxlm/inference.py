@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlm import config as config_lib
 from jaxlm import (
+    config_checks,
     eval_loop,
     interop,
     monitor,
@@ -45,7 +46,8 @@ from jaxlm import (
 from jaxlm.compress import lora
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.data.types import EOS_ID
-from jaxlm.generate import BeamSettings, SamplingSettings, make_generate
+from jaxlm.decode_settings import SamplingSettings
+from jaxlm.generate import make_generate
 from jaxlm.state import ModelState
 
 
@@ -90,15 +92,13 @@ def evaluate_run(
     data.batch_size; all when max_batches is 0). Config overrides may point the data at
     another source.
     """
-    if max_batches is not None and max_batches < 0:
-        raise ValueError(f"--max_batches must be >= 0 (0 is all), got {max_batches}")
-    if max_decode_examples < 0:
-        raise ValueError(
-            f"--max_decode_examples must be >= 0 (0: what the eval batches hold), got "
-            f"{max_decode_examples}"
-        )
     # Checked before any loading, so a bad flag fails in a second, not after the restore.
-    BeamSettings(beam_size=beam_size, length_penalty=length_penalty).check()
+    config_checks.check_eval_args(
+        max_batches=max_batches,
+        max_decode_examples=max_decode_examples,
+        beam_size=beam_size,
+        length_penalty=length_penalty,
+    )
     config = run_config(workdir, overrides)
     names = transforms.check(config_lib.transform_names(config))
     # A missing step fails before the data is built.

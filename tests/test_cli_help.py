@@ -61,6 +61,8 @@ runpy.run_module("jaxlm.cli.{name}", run_name="__main__")
         ),
         ("bench", ["--config", "experiments/pylm_tiny.py", "--config.model.mlp=x"], "'model.mlp'"),
         ("generate", ["--workdir", "RUN", "--prompt", "a"], "is not a jaxlm run directory"),
+        ("eval", ["--workdir", "RUN"], "is not a jaxlm run directory"),
+        ("eval", ["--workdir", "RUN", "--max_decode_examples=-1"], "--max_decode_examples must"),
     ],
 )
 def test_a_bad_command_line_is_refused_before_jax_loads(tmp_path, name, args, error):

@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 from test_model import build
 
-from jaxlm.generate import SamplingSettings, filter_logits, make_generate, sample
+from jaxlm.decode_settings import SamplingSettings
+from jaxlm.generate import filter_logits, make_generate, sample
 
 
 @pytest.mark.parametrize("style", ["llama", "gpt2"])

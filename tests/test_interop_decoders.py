@@ -26,7 +26,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from jaxlm import config as config_lib
 from jaxlm import inference, interop, train
-from jaxlm.generate import SamplingSettings
+from jaxlm.decode_settings import SamplingSettings
 from jaxlm.inference import LanguageModel
 from jaxlm.interop import convert, hf_files
 

@@ -19,7 +19,8 @@ from reference_libs import torch, transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from jaxlm import objectives, tasks
-from jaxlm.generate import SamplingSettings, make_seq2seq_generate
+from jaxlm.decode_settings import SamplingSettings
+from jaxlm.generate import make_seq2seq_generate
 from jaxlm.interop import ConversionError, convert, export_hf, hf_files, import_hf, load_hf, t5
 from jaxlm.models.attention import relative_bucket
 from jaxlm.models.families import build_model

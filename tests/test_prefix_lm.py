@@ -20,8 +20,9 @@ from jaxlm import config as config_lib
 from jaxlm import objectives, seq2seq_eval, train
 from jaxlm.config import ConfigError
 from jaxlm.data import tokenizer
+from jaxlm.decode_settings import BeamSettings
 from jaxlm.evaluate import token_nll
-from jaxlm.generate import BeamSettings, make_prefix_beam_search
+from jaxlm.generate import make_prefix_beam_search
 from jaxlm.inference import LanguageModel, evaluate_run
 
 N = 6  # data.target_len

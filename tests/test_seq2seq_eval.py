@@ -20,7 +20,8 @@ from flax import nnx
 from jaxlm import inference, seq2seq_eval, text_metrics, train
 from jaxlm.data import tokenizer
 from jaxlm.data.builtin import corpus
-from jaxlm.generate import BeamSettings, make_beam_search
+from jaxlm.decode_settings import BeamSettings
+from jaxlm.generate import make_beam_search
 from jaxlm.objectives import shift_right
 from jaxlm.seq2seq_eval import decode_examples, decode_ids
 

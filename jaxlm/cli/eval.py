@@ -49,13 +49,24 @@ _OVERRIDES: list[str] = []
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
-    import jax
-
-    from jaxlm import inference
+    from jaxlm import config as config_lib
+    from jaxlm import config_checks
 
     if not FLAGS.workdir:
         common.fail("jaxlm-eval", ValueError("--workdir is required"))
     try:
+        # The flags, then the run directory, are refused before JAX loads (3 s).
+        config_checks.check_eval_args(
+            max_batches=FLAGS.max_batches,
+            max_decode_examples=FLAGS.max_decode_examples,
+            beam_size=FLAGS.beam_size,
+            length_penalty=FLAGS.length_penalty,
+        )
+        config_lib.load_run_config(FLAGS.workdir, _OVERRIDES)
+        import jax
+
+        from jaxlm import inference
+
         common.init_distributed()
         metrics = inference.evaluate_run(
             FLAGS.workdir,
