@@ -21,11 +21,13 @@ decode loop that reads memory no faster than that product beats torch by at most
 small batches; larger ones are bound by compute first).
 
 The row also splits each train step into its dense matrix products and the rest (`gemms`):
-the step's products (`step_gemms`: every weight's forward, input-gradient and weight-gradient
-product, attention's own aside) timed alone in XLA and in torch at the step's shapes, and each
-step time less them. Where jaxlm trails torch, this says whether XLA's CPU matrix products or
-jaxlm's own work is behind it. jaxlm's rest is an estimate: inside a step XLA overlaps
-independent products, so where they are small (the `issue` size) it comes out too low.
+each library's products of the step (`step_gemms`: every weight's forward, input-gradient and
+weight-gradient product, attention's own aside) timed alone at the step's shapes, jaxlm's by
+XLA and GPT2LMHeadModel's by torch, and each step time less them; GPT2LMHeadModel's products
+are also timed in XLA, so a gap in the products splits into XLA's kernels and jaxlm's layout.
+Where jaxlm trails torch, this says whether matrix products or the rest are behind it. jaxlm's
+rest is an estimate: inside a step XLA overlaps independent products, so where they are small
+(the `issue` size) it comes out too low.
 
 Threads: torch uses one intra-op thread per core (the cores this process may use, `--cores` pins
 it to fewer); XLA's CPU client sizes its pool to the same cores.
@@ -183,14 +185,26 @@ def gemm_flops(gemms) -> int:
     return total
 
 
-def _gemm_runs(lhs, rhs, lc: int, rc: int, reps: int, rng):
-    """One product `reps` times over, as two zero-argument runs. XLA's is one jitted loop whose
-    every product feeds the next (its max nudges one input element by 1e-30 of it), so nothing
-    is hoisted and the threads stay busy as they do inside a train step: a call per product
-    would time the thread pool's wake-ups instead (2x at the `issue` size). torch's is
-    `torch.mm` on transposed views, as autograd calls it."""
+def _gemm_run(lhs, rhs, lc: int, rc: int, reps: int, rng, runner: str):
+    """One product `reps` times over, as a zero-argument run by `runner` ("xla" or "torch").
+
+    XLA's is one jitted loop whose every product feeds the next (its max nudges one input
+    element by 1e-30 of it), so nothing is hoisted and the threads stay busy as they do inside
+    a train step: a call per product would time the thread pool's wake-ups instead (1.5x the
+    loops' time over the `issue` step's products). The max reads each product once more, a few
+    percent on the largest outputs. torch's is `torch.mm` on transposed views, as autograd
+    calls it."""
     a = rng.standard_normal(lhs, dtype=np.float32)
     b = rng.standard_normal(rhs, dtype=np.float32)
+    if runner == "torch":
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        ta, tb = (ta if lc == 1 else ta.t()), (tb if rc == 0 else tb.t())
+
+        def torch_run():
+            for _ in range(reps):
+                torch.mm(ta, tb)
+
+        return torch_run
     dims = (((lc,), (rc,)), ((), ()))
 
     def loop(a, b):
@@ -201,45 +215,47 @@ def _gemm_runs(lhs, rhs, lc: int, rc: int, reps: int, rng):
         return jax.lax.fori_loop(0, reps, body, a)
 
     jloop, ja, jb = jax.jit(loop), jax.numpy.asarray(a), jax.numpy.asarray(b)
-    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-    ta, tb = (ta if lc == 1 else ta.t()), (tb if rc == 0 else tb.t())
+    return lambda: jax.block_until_ready(jloop(ja, jb))
 
-    def torch_run():
-        for _ in range(reps):
-            torch.mm(ta, tb)
 
-    return (lambda: jax.block_until_ready(jloop(ja, jb))), torch_run
+# compare_gemms' product lists: (whose products, run by) each.
+_GEMM_RUNS = {
+    "jaxlm": ("jaxlm", "xla"),
+    "xla_gpt2_layout": ("torch", "xla"),  # GPT-2's fused [D, 3D] QKV product, by XLA
+    "torch": ("torch", "torch"),
+}
 
 
 def compare_gemms(size: str, rounds: int, reps: int = 5) -> dict:
-    """A train step's dense matrix products alone (`step_gemms`), jaxlm's run by XLA and torch's by
-    torch, in turns: ms a step of each. Set against the step times, this splits each step
-    into matrix products and the rest (attention, norms, activations, loss, optimizer and, in
-    torch, Python's dispatch)."""
+    """A train step's dense matrix products alone (`step_gemms`), in turns: jaxlm's run by XLA,
+    GPT2LMHeadModel's by torch, and GPT2LMHeadModel's by XLA (which separates XLA's products
+    from jaxlm's choice of them); ms a step of each. Set against the step times, this splits
+    each step into matrix products and the rest (attention, norms, activations, loss,
+    optimizer and, in torch, Python's dispatch)."""
     rng = np.random.default_rng(0)
     runs = {}
-    for library in ("jaxlm", "torch"):
+    for name, (layout, runner) in _GEMM_RUNS.items():
         counts = collections.Counter()  # products of the same shapes are timed once
-        for _, lhs, rhs, lc, rc, count in step_gemms(size, library):
+        for _, lhs, rhs, lc, rc, count in step_gemms(size, layout):
             counts[lhs, rhs, lc, rc] += count
-        runs[library] = []
+        runs[name] = []
         for (lhs, rhs, lc, rc), count in counts.items():
-            pair = _gemm_runs(lhs, rhs, lc, rc, reps, rng)
-            run = pair[0] if library == "jaxlm" else pair[1]
+            run = _gemm_run(lhs, rhs, lc, rc, reps, rng, runner)
             run()  # compile, warm
-            runs[library].append((run, count))
-    ms = {library: [] for library in runs}
+            runs[name].append((run, count))
+    ms = {name: [] for name in runs}
     for _ in range(rounds):
-        for library, products in runs.items():
-            ms[library].append(sum(count * _ms_per_step(run, reps) for run, count in products))
-    jax_ms, torch_ms = statistics.median(ms["jaxlm"]), statistics.median(ms["torch"])
+        for name, products in runs.items():
+            ms[name].append(sum(count * _ms_per_step(run, reps) for run, count in products))
+    med = {name: statistics.median(times) for name, times in ms.items()}
     flops = gemm_flops(step_gemms(size, "jaxlm"))
     assert flops == gemm_flops(step_gemms(size, "torch"))
     return {
         "gemm_flops": flops,
-        "jaxlm_gemm_ms": round(jax_ms, 2),
-        "torch_gemm_ms": round(torch_ms, 2),
-        "gemm_speedup": round(torch_ms / jax_ms, 3),
+        "jaxlm_gemm_ms": round(med["jaxlm"], 3),
+        "xla_gpt2_layout_gemm_ms": round(med["xla_gpt2_layout"], 3),
+        "torch_gemm_ms": round(med["torch"], 3),
+        "gemm_speedup": round(med["torch"] / med["jaxlm"], 3),
     }
 
 
@@ -321,8 +337,8 @@ def compare_decode(
 
 def _with_rest(split: dict, jaxlm_step_ms: float, torch_step_ms: float) -> dict:
     """`compare_gemms`'s figures plus each step's time outside its matrix products."""
-    split["jaxlm_rest_ms"] = round(jaxlm_step_ms - split["jaxlm_gemm_ms"], 2)
-    split["torch_rest_ms"] = round(torch_step_ms - split["torch_gemm_ms"], 2)
+    split["jaxlm_rest_ms"] = round(jaxlm_step_ms - split["jaxlm_gemm_ms"], 3)
+    split["torch_rest_ms"] = round(torch_step_ms - split["torch_gemm_ms"], 3)
     return split
 
 

@@ -27,6 +27,7 @@ from jaxlm.config_checks import (  # noqa: F401
     OBJECTIVE_LAYOUT,
     SPANS_NEED_SENTINELS,
     ConfigError,
+    check_eval_args,
     is_prefix_lm,
     row_len,
     validate,

@@ -271,7 +271,7 @@ def check_eval_args(
     *, max_batches: int | None, max_decode_examples: int, beam_size: int, length_penalty: float
 ) -> None:
     """jaxlm-eval's (and `inference.evaluate_run`'s) arguments: one-line errors naming the flag,
-    raised before anything loads."""
+    raised before the run's checkpoint is read (and, in jaxlm-eval, before JAX loads)."""
     if max_batches is not None and max_batches < 0:
         raise ValueError(f"--max_batches must be >= 0 (0 is all), got {max_batches}")
     if max_decode_examples < 0:

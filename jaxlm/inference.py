@@ -32,7 +32,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlm import config as config_lib
 from jaxlm import (
-    config_checks,
     eval_loop,
     interop,
     monitor,
@@ -93,7 +92,7 @@ def evaluate_run(
     another source.
     """
     # Checked before any loading, so a bad flag fails in a second, not after the restore.
-    config_checks.check_eval_args(
+    config_lib.check_eval_args(
         max_batches=max_batches,
         max_decode_examples=max_decode_examples,
         beam_size=beam_size,

@@ -33,9 +33,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxlm import distributed, sharding, text_metrics
 from jaxlm.data.batches import padded
 from jaxlm.data.types import EOS_ID, PAD_ID
+from jaxlm.decode_settings import BeamSettings, SamplingSettings
 from jaxlm.generate import (
-    BeamSettings,
-    SamplingSettings,
     make_beam_search,
     make_generate,
     make_prefix_beam_search,

@@ -61,6 +61,7 @@ runpy.run_module("jaxlm.cli.{name}", run_name="__main__")
         ),
         ("bench", ["--config", "experiments/pylm_tiny.py", "--config.model.mlp=x"], "'model.mlp'"),
         ("generate", ["--workdir", "RUN", "--prompt", "a"], "is not a jaxlm run directory"),
+        ("generate", ["--workdir", "RUN", "--prompt", "a", "--top_p=0"], "top_p must be in"),
         ("eval", ["--workdir", "RUN"], "is not a jaxlm run directory"),
         ("eval", ["--workdir", "RUN", "--max_decode_examples=-1"], "--max_decode_examples must"),
     ],

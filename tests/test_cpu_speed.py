@@ -42,8 +42,6 @@ def test_compare_torch_tiny_same_losses_and_greedy_tokens():
         assert r[key] > 0, key
     lo, hi = r["train_speedup_range"]
     assert lo <= hi
-    # The weights of the model's matrix products: 2 layers of 4 d^2 + 2 d d_ff, the tied head.
-    matmul_params = 2 * (4 * 32 * 32 + 2 * 32 * 64) + 65 * 32
     assert [d["batch"] for d in r["decode"]] == [2]
     for d in r["decode"]:
         assert d["greedy_identical"] is True and d["matching_tokens"] == 1.0, d
@@ -59,13 +57,16 @@ def test_compare_torch_tiny_same_losses_and_greedy_tokens():
     # Every weight but the position table (16 positions x d_model 32), 4 bytes each.
     assert r["decode_weight_bytes"] == 4 * (r["params"] - 16 * 32)
     # The train step's matrix products: every weight's forward, input-gradient and
-    # weight-gradient product, 3 x 2 x tokens x matmul parameters.
+    # weight-gradient product, 3 x 2 x tokens x the weights of the model's products (2 layers
+    # of 4 d^2 + 2 d d_ff, the tied head).
     g = r["gemms"]
+    matmul_params = 2 * (4 * 32 * 32 + 2 * 32 * 64) + 65 * 32
     assert g["gemm_flops"] == 6 * 32 * matmul_params, g
-    assert g["jaxlm_gemm_ms"] > 0 and g["torch_gemm_ms"] > 0
-    assert abs(g["gemm_speedup"] - g["torch_gemm_ms"] / g["jaxlm_gemm_ms"]) < 0.01
+    assert g["jaxlm_gemm_ms"] > 0 and g["torch_gemm_ms"] > 0 and g["xla_gpt2_layout_gemm_ms"] > 0
+    ratio = g["torch_gemm_ms"] / g["jaxlm_gemm_ms"]
+    assert abs(g["gemm_speedup"] - ratio) < 0.01 * ratio, g
     for lib in ("jaxlm", "torch"):
-        assert abs(g[f"{lib}_gemm_ms"] + g[f"{lib}_rest_ms"] - r[f"{lib}_step_ms"]) < 0.02
+        assert abs(g[f"{lib}_gemm_ms"] + g[f"{lib}_rest_ms"] - r[f"{lib}_step_ms"]) < 0.01
     assert r["threads"]["torch"] == r["threads"]["xla_cores"]
     assert set(r["versions"]) == {"jax", "torch", "transformers"}
 

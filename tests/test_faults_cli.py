@@ -13,6 +13,7 @@ import kill_trials
 import pytest
 from conftest import tiny_config
 
+from jaxlm import config as config_lib
 from jaxlm import preemption, train
 from jaxlm.workdir_lock import LOCK_NAME
 
@@ -177,6 +178,7 @@ eval.run()
 
 @pytest.mark.parametrize("case", ["full disk", "bad --output"])
 def test_eval_write_errors_are_one_line(tmp_path, case):
+    config_lib.save_config(tiny_config(), tmp_path)  # a run's config.json: jaxlm-eval checks it
     (tmp_path / "file").write_text("")
     output = tmp_path / "file" / "eval.json"  # its parent is a file
     mode = "full" if case == "full disk" else "ok"

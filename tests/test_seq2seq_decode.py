@@ -9,9 +9,8 @@ import pytest
 from flax import nnx
 from test_families import build, segments, tokens
 
+from jaxlm.decode_settings import BeamSettings, SamplingSettings
 from jaxlm.generate import (
-    BeamSettings,
-    SamplingSettings,
     length_penalty,
     make_beam_search,
     make_seq2seq_generate,

@@ -50,13 +50,12 @@ def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
     from jaxlm import config as config_lib
-    from jaxlm import config_checks
 
     if not FLAGS.workdir:
         common.fail("jaxlm-eval", ValueError("--workdir is required"))
     try:
         # The flags, then the run directory, are refused before JAX loads (3 s).
-        config_checks.check_eval_args(
+        config_lib.check_eval_args(
             max_batches=FLAGS.max_batches,
             max_decode_examples=FLAGS.max_decode_examples,
             beam_size=FLAGS.beam_size,

@@ -86,6 +86,7 @@ def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
     from jaxlm import config as config_lib
+    from jaxlm.decode_settings import SamplingSettings
 
     if not FLAGS.workdir:
         common.fail("jaxlm-generate", ValueError("--workdir is required"))
@@ -98,7 +99,15 @@ def main(argv: list[str]) -> None:
                 "pass --max_new_tokens or --max_length, not both (--max_length counts the "
                 "prompt's tokens too, as transformers' max_length)"
             )
-        config_lib.load_run_config(FLAGS.workdir, _OVERRIDES)  # refused before JAX loads
+        # Refused before JAX loads: the sampling flags (an unset --max_new_tokens comes from
+        # --max_length or its default, checked later), then a folder that is not a run.
+        SamplingSettings(
+            max_new_tokens=1 if FLAGS.max_new_tokens is None else FLAGS.max_new_tokens,
+            temperature=FLAGS.temperature,
+            top_k=FLAGS.top_k,
+            top_p=FLAGS.top_p,
+        ).check()
+        config_lib.load_run_config(FLAGS.workdir, _OVERRIDES)
         from jaxlm.inference import LanguageModel
 
         lm = LanguageModel.load(FLAGS.workdir, step=FLAGS.step, overrides=_OVERRIDES)
