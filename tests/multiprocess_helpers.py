@@ -3,6 +3,7 @@ them, waiting for both, and reading what their runs wrote. Used by test_multipro
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -50,6 +51,7 @@ def launch(module: str, *args: str) -> list[subprocess.Popen]:
     """`python -m module args` as processes 0 and 1 of one job, 4 CPU devices each."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = xla_flags(4)
+    env["PYTHONFAULTHANDLER"] = "1"  # SIGABRT prints every thread's stack: see stacks_and_kill
     port = free_port()
     procs = []
     for i in range(2):
@@ -65,6 +67,24 @@ def launch(module: str, *args: str) -> list[subprocess.Popen]:
     return procs
 
 
+def stacks_and_kill(procs: list[subprocess.Popen]) -> list[str]:
+    """Each process's output tail, ending with its Python stacks where it was still running (a
+    hang): SIGABRT makes the fault handler (`launch` turns it on) print every thread's stack.
+    Every process has ended when this returns."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGABRT)
+    tails = []
+    for i, p in enumerate(procs):
+        try:
+            out, err = p.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+        tails.append(f"process {i} (exit {p.returncode}): ...{(out + err)[-3000:]}")
+    return tails
+
+
 def launch_train(experiment: Path, workdir: Path) -> list[subprocess.Popen]:
     return launch("jaxlm.cli.train", "--config", str(experiment), "--workdir", str(workdir))
 
@@ -76,12 +96,9 @@ def finish(procs: list[subprocess.Popen], timeout: float, what: str) -> list[tup
         for p in procs:
             outs.append(p.communicate(timeout=max(deadline - time.time(), 1)))
     except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        tails = [f"process {i}: ...{''.join(p.communicate())[-1500:]}" for i, p in enumerate(procs)]
         pytest.fail(
             f"{what} hung: the 2 processes did not exit within {timeout:g} s (a collective one "
-            "of them never joins); their output ends:\n" + "\n".join(tails)
+            "of them never joins); their output ends:\n" + "\n".join(stacks_and_kill(procs))
         )
     for i, (p, (_, err)) in enumerate(zip(procs, outs, strict=True)):
         assert p.returncode == 0, f"{what}: process {i} exited {p.returncode}: {err[-2000:]}"

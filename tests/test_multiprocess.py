@@ -25,6 +25,7 @@ from multiprocess_helpers import (
     free_port,
     launch_train,
     losses,
+    stacks_and_kill,
 )
 
 from jaxlm import config_checks, distributed, train
@@ -221,9 +222,8 @@ def test_a_workdir_in_use_stops_every_process(tmp_path):
     try:
         outs = [p.communicate(timeout=60) for p in procs]  # not waiting in a collective
     except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail("a process refused the workdir hung instead of exiting")
+        tails = "\n".join(stacks_and_kill(procs))
+        pytest.fail(f"a process refused the workdir hung instead of exiting:\n{tails}")
     finally:
         holder.kill()
         holder.wait()
