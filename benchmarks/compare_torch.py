@@ -335,13 +335,6 @@ def compare_decode(
     }
 
 
-def _with_rest(split: dict, jaxlm_step_ms: float, torch_step_ms: float) -> dict:
-    """`compare_gemms`'s figures plus each step's time outside its matrix products."""
-    split["jaxlm_rest_ms"] = round(jaxlm_step_ms - split["jaxlm_gemm_ms"], 3)
-    split["torch_rest_ms"] = round(torch_step_ms - split["torch_gemm_ms"], 3)
-    return split
-
-
 def run_size(size: str, args) -> dict:
     cfg = jaxlm_config(size, args.prompt_len + args.new_tokens)
     s = train.setup(cfg, None, data=benchmark.synthetic_source(cfg))
@@ -359,7 +352,9 @@ def run_size(size: str, args) -> dict:
     row.update(compare_train(cfg, s, state, tmodel, args.rounds, args.steps))
     _progress(f"{size}: the step's matrix products alone")
     split = compare_gemms(size, args.rounds)
-    row["gemms"] = _with_rest(split, row["jaxlm_step_ms"], row["torch_step_ms"])
+    for lib in ("jaxlm", "torch"):  # each step's time outside its matrix products
+        split[f"{lib}_rest_ms"] = round(row[f"{lib}_step_ms"] - split[f"{lib}_gemm_ms"], 3)
+    row["gemms"] = split
     _progress(f"{size}: {row['jaxlm_step_ms']} ms vs {row['torch_step_ms']} ms; decoding")
     if args.decode_batches:
         # Fresh copies of the initial weights (the train steps above changed both models).
